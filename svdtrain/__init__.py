@@ -1,0 +1,28 @@
+"""svdtrain: make any PyTorch model low-rank by SVD training.
+
+decompose_ → train with orthogonality_loss + sparsity_loss → prune_ → fine-tune → export.
+"""
+
+from .config import SVDConfig
+from .decompose import decompose_
+from .export import export
+from .layers import SVDConv, SVDLinear
+from .prune import prune_
+from .regularizers import orthogonality_loss, sparsity_loss
+from .stats import count_flops, count_params, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SVDConfig",
+    "SVDConv",
+    "SVDLinear",
+    "count_flops",
+    "count_params",
+    "decompose_",
+    "export",
+    "orthogonality_loss",
+    "prune_",
+    "sparsity_loss",
+    "summary",
+]

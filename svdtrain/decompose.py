@@ -1,0 +1,145 @@
+"""decompose_: put the chosen layers of any model into SVD form, in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from .config import SVDConfig, name_matches
+from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d
+from .stats import format_table
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
+
+
+def swap_modules(root: nn.Module, replace: Callable[[nn.Module, str], nn.Module | None], prefix: str = "") -> nn.Module:
+    """The one recursive walk that swaps modules: depth first, parents before children.
+
+    `replace(module, fqn)` returns the module to put in its place (which is not
+    walked further) or None to descend into its children. A module reached along
+    several paths is replaced by the same new module everywhere, so sharing is kept.
+    Returns the (possibly new) root.
+    """
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, fqn: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        new = replace(module, fqn)
+        if new is None:
+            new = module
+            # _modules, not named_children(): the latter hides a second occurrence of a shared module.
+            for name, child in list(module._modules.items()):
+                if child is None:
+                    continue
+                swapped = visit(child, f"{fqn}.{name}" if fqn else name)
+                if swapped is not child:
+                    setattr(module, name, swapped)
+        done[id(module)] = new
+        return new
+
+    return visit(root, prefix)
+
+
+@dataclass
+class DecomposeReport:
+    """What `decompose_` replaced and what it skipped, with the reason."""
+
+    replaced: list[dict] = field(default_factory=list)  # name, type, shape, rank, decomposition
+    skipped: list[dict] = field(default_factory=list)  # name, type, reason
+
+    def to_dict(self) -> dict:
+        return {"replaced": self.replaced, "skipped": self.skipped}
+
+    def __str__(self) -> str:
+        text = f"decomposed {len(self.replaced)} layer(s)\n"
+        if self.replaced:
+            text += format_table(self.replaced, ["name", "type", "shape", "rank", "decomposition"]) + "\n"
+        if self.skipped:
+            text += f"skipped {len(self.skipped)}\n" + format_table(self.skipped, ["name", "type", "reason"]) + "\n"
+        return text
+
+
+def decompose_(model: nn.Module, config: SVDConfig | None = None,
+               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> DecomposeReport:
+    """Replace, in place, every target Linear / Conv1d/2d/3d / GPT-2 Conv1D by its SVD form.
+
+    Layers that cannot be decomposed are left as they are and listed in
+    `report.skipped` with the reason; calling `decompose_` again changes nothing.
+    Rebuild the optimizer afterwards: the parameters are new.
+
+    Args:
+        model: any nn.Module holding the layers (not a bare layer: a module cannot
+            replace itself in place; use SVDLinear/SVDConv.from_dense for one layer).
+        config: SVDConfig (decomposition, init, target_modules, exclude_modules).
+        filter_fn: optional `filter_fn(module, fqn) -> bool`; False leaves the layer dense.
+
+    Example:
+        >>> report = decompose_(model, SVDConfig(exclude_modules=("fc",)))
+        >>> print(report)
+    """
+    config = SVDConfig() if config is None else config
+    if not isinstance(config, SVDConfig):
+        raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.Linear, *_CONVS, *SVD_LAYERS)) or is_gpt2_conv1d(model):
+        raise TypeError(f"decompose_ works in place on a model that holds layers, got a bare {type(model).__name__}; "
+                        "use SVDLinear.from_dense / SVDConv.from_dense for a single layer")
+    report = DecomposeReport()
+    read_by_parent = {id(child): type(m).__name__ for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+                      for child in m.children()}
+    owners: dict[int, dict[int, str]] = {}  # parameter -> {owning module: its name}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(m), fqn)
+
+    def why_not(module: nn.Module, fqn: str) -> str | None:
+        if isinstance(module, _LAZY):
+            return "lazy module not initialised yet: run one forward first"
+        if isinstance(module, (nn.Linear, *_CONVS)) and type(module).forward not in (nn.Linear.forward,
+                                                                                     *(c.forward for c in _CONVS)):
+            return f"{type(module).__name__} overrides forward; its behaviour would be lost"
+        if id(module) in read_by_parent:
+            return f"weight read by its parent {read_by_parent[id(module)]} outside its own forward"
+        tied = [name for owner, name in owners.get(id(module.weight), {}).items() if owner != id(module)]
+        if tied:
+            return f"weight shared with {', '.join(sorted(set(tied)))}"
+        if isinstance(module, _CONVS) and module.groups > 1 and module.in_channels == module.groups:
+            return "depthwise convolution: one input channel per group, nothing to factor"
+        if config.target_modules is not None and not name_matches(fqn, config.target_modules):
+            return "not matched by target_modules"
+        if name_matches(fqn, config.exclude_modules):
+            return "matched by exclude_modules"
+        if filter_fn is not None and not filter_fn(module, fqn):
+            return "filter_fn returned False"
+        return None
+
+    def replace(module: nn.Module, fqn: str) -> nn.Module | None:
+        if module is model:
+            return None
+        if isinstance(module, SVD_LAYERS):
+            report.skipped.append({"name": fqn, "type": type(module).__name__, "reason": "already decomposed"})
+            return module
+        linear = isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
+        if not (linear or isinstance(module, (*_CONVS, nn.modules.conv._ConvTransposeNd))):
+            return None
+        reason = ("transposed convolution is not supported" if isinstance(module, nn.modules.conv._ConvTransposeNd)
+                  else why_not(module, fqn))
+        if reason is not None:
+            report.skipped.append({"name": fqn, "type": type(module).__name__, "reason": reason})
+            return module
+        if linear:
+            new = SVDLinear.from_dense(module, init=config.init)
+        else:
+            decomposition = config.decomposition if len(module.kernel_size) == 2 else "channel"
+            new = SVDConv.from_dense(module, decomposition=decomposition, init=config.init)
+        report.replaced.append({"name": fqn, "type": type(module).__name__, "shape": tuple(module.weight.shape),
+                                "rank": new.rank, "decomposition": getattr(new, "decomposition", "channel")})
+        return new
+
+    swap_modules(model, replace)
+    return report

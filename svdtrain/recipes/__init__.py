@@ -1,0 +1,1 @@
+"""The svdtrain tool: reference models, data, the training loop and the staged pipeline."""
