@@ -63,8 +63,9 @@ def main():
     report = svdtrain.decompose_(svd, svdtrain.SVDConfig(decomposition="channel"))
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     dense_step, svd_step = make_step(dense, False), make_step(svd, True)
-    for step in (dense_step, svd_step):  # warm-up: allocator, oneDNN kernels
-        timed(step, x, y, 2)
+    for _ in range(2):  # warm-up: allocator, oneDNN kernels
+        for step in (dense_step, svd_step):
+            timed(step, x, y, args.steps)
 
     ratios, dense_times, svd_times = [], [], []
     for i in range(args.rounds):

@@ -56,7 +56,7 @@ def _flops(model, example_inputs) -> tuple[int, dict[str, int]]:
     root = type(model).__name__
     per_module = {}
     for key, ops in counter.get_flop_counts().items():
-        if key.startswith(root + "."):
+        if key == root or key.startswith(root + "."):
             per_module[key[len(root) + 1:]] = int(sum(ops.values()))
     return int(counter.get_total_flops()), per_module
 

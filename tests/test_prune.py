@@ -123,3 +123,12 @@ def test_bad_input_raises(kwargs, message):
 def test_model_without_svd_layers_raises():
     with pytest.raises(ValueError, match="decompose_"):
         prune_(nn.Sequential(nn.Linear(3, 3)), energy=0.1)
+
+
+def test_budget_on_a_bare_svd_layer():
+    layer = SVDLinear.from_dense(nn.Linear(64, 64))
+    x = torch.randn(8, 64)
+    dense_flops = count_flops(nn.Linear(64, 64), x)
+    report = prune_(layer, flops=0.5, example_inputs=x)
+    assert report.dense_flops == dense_flops
+    assert 0.48 <= count_flops(export(layer, x), x) / dense_flops <= 0.5
