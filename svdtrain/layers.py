@@ -70,8 +70,9 @@ class LayerCost(NamedTuple):
 class _Factorized(nn.Module):
     """What SVDLinear and SVDConv share: the factors, the rebuilt weight, truncation.
 
-    A subclass sets `groups`, `_a`, `_b`, implements `_weight_from_matrix`,
-    `_matrix_from_weight`, `_positions` and `forward`, then calls `_init_factors`.
+    A subclass sets `groups`, `_a`, `_b` (the a × b matrix per group) and
+    `_weight_shape`, implements `_weight_from_matrix`, `_matrix_from_weight`,
+    `_positions` and `forward`, then calls `_init_factors`.
     """
 
     def _init_factors(self, rank: int | None, device=None, dtype=None):
@@ -81,6 +82,7 @@ class _Factorized(nn.Module):
         if not isinstance(rank, int) or not 1 <= rank <= self.full_rank:
             raise ValueError(f"rank={rank!r}; allowed: an int in [1, {self.full_rank}] for this layer")
         self._make_factors(rank, device, dtype)
+        # Fraction of Σ s² kept by truncation so far (for reports); a buffer, so checkpoints carry it.
         self.register_buffer("energy_kept", torch.ones((), device=device, dtype=torch.float32))
 
     def _make_factors(self, rank: int, device=None, dtype=None):

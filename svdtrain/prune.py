@@ -128,6 +128,8 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
                          "that may be removed (reference values 1e-6 … 0.3)")
     if flops is not None and example_inputs is None:
         raise ValueError("prune_(flops=...) needs example_inputs to count FLOPs")
+    knob = next(iter(given))
+    fraction = None if knob == "energy" else _fraction(knob, given[knob])
     layers = svd_layers(model)
     if not layers:
         raise ValueError("prune_: the model has no SVD layers; call svdtrain.decompose_(model, config) first")
@@ -141,9 +143,7 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
 
     dense_flops, dense_params = cost(None)
     flops_before, params_before = cost(current)
-    if energy is None:
-        knob, fraction = ("flops", _fraction("flops", flops)) if flops is not None else \
-            ("params", _fraction("params", params))
+    if fraction is not None:
         index, dense = (0, dense_flops) if knob == "flops" else (1, dense_params)
         budget = fraction * dense
         smallest = cost([min(r, min_rank) for r in current])[index] / dense
