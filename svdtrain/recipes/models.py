@@ -1,4 +1,4 @@
-"""Reference models, by name."""
+"""Reference models, by name: MODELS[name](num_classes, in_channels, image_size, bottleneck) -> nn.Module."""
 
 from __future__ import annotations
 
@@ -16,34 +16,69 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        self.shortcut = _projection(in_planes, planes, stride)
 
     def forward(self, x):
         out = self.bn1(self.conv1(x)).relu()
         return (self.bn2(self.conv2(out)) + self.shortcut(x)).relu()
 
 
-class CifarResNet(nn.Module):
-    """The CIFAR ResNet of He et al. 2016: depth = 6n + 2, widths 16/32/64."""
+class Bottleneck(nn.Module):
+    """1×1 reduce, 3×3, 1×1 expand (×4), with a projection shortcut when the shape changes."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"depth={depth}; allowed: 6n + 2 (20, 32, 44, 56, 110, ...)")
-        n = (depth - 2) // 6
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.shortcut = _projection(in_planes, out, stride)
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out)).relu()
+        return (self.bn3(self.conv3(out)) + self.shortcut(x)).relu()
+
+
+def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+def _stage(block, in_planes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
+    layers = []
+    for i in range(blocks):
+        layers.append(block(in_planes, planes, stride if i == 0 else 1))
+        in_planes = planes * block.expansion
+    return nn.Sequential(*layers), in_planes
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 (widths 16/32/64, depth 6n + 2 with basic blocks).
+
+    bottleneck=True is the variant of the authors' CIFAR code for deep nets:
+    depth 9n + 2 with bottleneck blocks (ResNet-56: n = 6, ResNet-110: n = 12).
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, bottleneck: bool = False):
+        super().__init__()
+        block, per = (Bottleneck, 9) if bottleneck else (BasicBlock, 6)
+        if depth < per + 2 or (depth - 2) % per:
+            raise ValueError(f"CIFAR ResNet depth={depth} with {'bottleneck' if bottleneck else 'basic'} blocks; "
+                             f"allowed: {per}n + 2 ({', '.join(str(per * n + 2) for n in (2, 3, 6, 12))}, ...)")
+        n = (depth - 2) // per
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        layers, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(64, num_classes)
+        self.layer1, planes = _stage(block, 16, 16, n, 1)
+        self.layer2, planes = _stage(block, planes, 32, n, 2)
+        self.layer3, planes = _stage(block, planes, 64, n, 2)
+        self.fc = nn.Linear(planes, num_classes)
 
     def forward(self, x):
         x = self.bn1(self.conv1(x)).relu()
@@ -51,8 +86,81 @@ class CifarResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ImageNetResNet(nn.Module):
+    """ResNet-18/34/50 for 224×224 inputs (He et al. 2016), projection shortcuts."""
+
+    def __init__(self, block, blocks: list[int], num_classes: int = 1000, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        planes = 64
+        self.layer1, planes = _stage(block, planes, 64, blocks[0], 1)
+        self.layer2, planes = _stage(block, planes, 128, blocks[1], 2)
+        self.layer3, planes = _stage(block, planes, 256, blocks[2], 2)
+        self.layer4, planes = _stage(block, planes, 512, blocks[3], 2)
+        self.fc = nn.Linear(planes, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.bn1(self.conv1(x)).relu())
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100: a fully connected net on the flattened image."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(in_features, 300), nn.Linear(300, 100), nn.Linear(100, num_classes)
+
+    def forward(self, x):
+        return self.fc3(self.fc2(self.fc1(x.flatten(1)).relu()).relu())
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: conv 5×5 (6, 'same') → pool → conv 5×5 (16) → pool → 120 → 84 → classes."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+        super().__init__()
+        side = (image_size // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"LeNet-5 needs images of at least 12×12, got {image_size}")
+        self.conv1, self.conv2 = nn.Conv2d(in_channels, 6, 5, padding=2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * side * side, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.conv1(x).relu(), 2)
+        x = nn.functional.max_pool2d(self.conv2(x).relu(), 2)
+        return self.fc3(self.fc2(self.fc1(x.flatten(1)).relu()).relu())
+
+
+def _cifar(depth: int):
+    return lambda num_classes, in_channels, image_size, bottleneck=False: CifarResNet(
+        depth, num_classes, in_channels, bottleneck)
+
+
+def _imagenet(block, blocks):
+    return lambda num_classes, in_channels, image_size, bottleneck=False: ImageNetResNet(
+        block, blocks, num_classes, in_channels)
+
+
+MODELS = {
+    **{f"resnet{d}": _cifar(d) for d in (20, 32, 44, 56, 110)},
+    "resnet18": _imagenet(BasicBlock, [2, 2, 2, 2]),
+    "resnet34": _imagenet(BasicBlock, [3, 4, 6, 3]),
+    "resnet50": _imagenet(Bottleneck, [3, 4, 6, 3]),
+    "lenet300": lambda num_classes, in_channels, image_size, bottleneck=False: LeNet300(
+        num_classes, in_channels * image_size * image_size),
+    "lenet5": lambda num_classes, in_channels, image_size, bottleneck=False: LeNet5(num_classes, in_channels, image_size),
+}
+
+
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(20, num_classes, in_channels)
 
 
-MODELS = {"resnet20": resnet20}
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int, bottleneck: bool = False) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    return MODELS[name](num_classes, in_channels, image_size, bottleneck)

@@ -1,0 +1,66 @@
+"""The `svdtrain` command: each subcommand is one plain function of the pipeline.
+
+    svdtrain run [CONFIG] [key=value ...]          all stages in a new run folder (default: the quick recipe)
+    svdtrain run --resume RUN_DIR [key=value ...]  continue an interrupted run
+    svdtrain STAGE RUN_DIR [key=value ...]         one stage (train sparsify prune finetune export report)
+
+The last line printed is the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .recipes.config import ConfigError, load_config, parse_overrides
+from .recipes.data import DataError
+from .recipes.pipeline import STAGES, Run, run_all, run_stage
+from .recipes.train import TrainingError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdtrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every stage", description="Run every stage. CONFIG: a .toml path or a "
+                         "name in configs/ (default: the quick Fashion-MNIST ResNet-20 recipe).")
+    run.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder where it stopped")
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage on a run folder")
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.add_argument("--resume", action="store_true", help="continue the stage from its last checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = None
+    try:
+        if args.command == "run":
+            config = [a for a in args.args if "=" not in a]
+            overrides = [a for a in args.args if "=" in a]
+            if len(config) > 1 or (config and args.resume):
+                raise ConfigError(f"expected at most one CONFIG (and none with --resume), got {config}")
+            if args.resume:
+                run = Run.open(args.resume, parse_overrides(overrides))
+            else:
+                run = Run.create(load_config(config[0] if config else None, overrides))
+            run_all(run, resume=bool(args.resume))
+        else:
+            run = Run.open(args.run_dir, parse_overrides(args.overrides))
+            run_stage(run, args.command, resume=args.resume)
+    except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"svdtrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = f"; continue with: svdtrain run --resume {run.folder}" if run is not None else ""
+        print(f"\nsvdtrain: interrupted{where}", file=sys.stderr)
+        return 130
+    print(run.folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

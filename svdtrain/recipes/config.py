@@ -1,0 +1,218 @@
+"""RunConfig: every setting of a pipeline run, flat, frozen and validated.
+
+The defaults are the quick Fashion-MNIST ResNet-20 recipe. A config file (TOML)
+and `key=value` arguments override them; values are parsed as TOML values
+(`lr=3e-4`, `exclude_modules=["fc"]`, `augment=false`) with bare words as strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .data import DATASETS
+from .models import MODELS
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what is allowed."""
+
+
+def _choice(*values, doc=""):
+    return {"choices": values, "doc": doc}
+
+
+def _range(low=None, high=None, low_open=False, high_open=False, doc=""):
+    return {"range": (low, high, low_open, high_open), "doc": doc}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "quick"
+    # --- data
+    data: str = field(default="fashion_mnist", metadata=_choice(*DATASETS))
+    data_dir: str = ""  # empty: the data set's default folder
+    train_subset: int = field(default=30000, metadata=_range(0, doc="first N training images; 0 = all"))
+    test_subset: int = field(default=0, metadata=_range(0, doc="first N test images; 0 = all"))
+    image_size: int = field(default=0, metadata=_range(0, doc="image folders / synthetic only; 0 = default"))
+    augment: bool = True  # random crop with padding + horizontal flip
+    # --- model
+    model: str = field(default="resnet20", metadata=_choice(*MODELS))
+    bottleneck: bool = False  # CIFAR ResNet with bottleneck blocks (depth 9n + 2), as the authors' code for ≥ 44
+    # --- method
+    method: str = field(default="svd", metadata=_choice("svd"))
+    train_mode: str = field(default="dense", metadata=_choice(
+        "dense", "svd", doc="train stage: dense (converted by exact SVD before sparsify) or SVD form from scratch"))
+    dense_checkpoint: str = ""  # a dense state_dict to start from instead of training (train stage converts it)
+    decomposition: str = field(default="channel", metadata=_choice("channel", "spatial"))
+    exclude_modules: tuple[str, ...] = ("fc",)  # the classifier stays dense (METHOD.md §1)
+    lambda_o: float = field(default=1.0, metadata=_range(0, doc="orthogonality weight"))
+    lambda_s: float = field(default=0.1, metadata=_range(0, doc="sparsity weight"))
+    sparsity: str = field(default="hoyer", metadata=_choice("l1", "hoyer", "hoyer_square"))
+    energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True, doc="energy pruned per layer"))
+    prune_flops: float = field(default=0.0, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
+    prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
+    min_rank: int = field(default=1, metadata=_range(1))
+    # --- optimisation (every stage)
+    optimizer: str = field(default="adam", metadata=_choice("sgd", "adam"))
+    lr: float = field(default=1e-3, metadata=_range(0, low_open=True))
+    finetune_lr: float = field(default=3e-4, metadata=_range(0, low_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0, 1, high_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    batch_size: int = field(default=128, metadata=_range(1))
+    schedule: str = field(default="cosine", metadata=_choice("constant", "step", "cosine"))
+    milestones: tuple[float, ...] = (0.494, 0.744)  # step schedule, fractions of a stage
+    gamma: float = field(default=0.1, metadata=_range(0, 1, low_open=True))
+    train_epochs: int = field(default=3, metadata=_range(0))
+    sparsify_epochs: int = field(default=2, metadata=_range(0))
+    finetune_epochs: int = field(default=1, metadata=_range(0))
+    # --- run
+    seed: int = 0
+    threads: int = field(default=0, metadata=_range(0, doc="torch threads; 0 = torch's default"))
+    eval_batch_size: int = field(default=1000, metadata=_range(1))
+    max_batches: int = field(default=0, metadata=_range(0, doc="cap on batches per epoch (smoke tests); 0 = all"))
+    progress: bool = True
+    onnx: bool = True
+    latency_repeats: int = field(default=30, metadata=_range(1))
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    out_dir: str = "runs"
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
+        if self.prune_flops and self.prune_params:
+            raise ConfigError("prune_flops and prune_params are both set; allowed: at most one (0 = unused)")
+        if self.train_epochs == 0 and not self.dense_checkpoint and self.train_mode == "dense":
+            raise ConfigError("train_epochs=0 needs dense_checkpoint=PATH (a dense state_dict to start from)")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ConfigError(f"milestones={self.milestones}: allowed: fractions of a stage's epochs, each in (0, 1)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "RunConfig":
+        _check_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _check_keys(keys):
+    for key in keys:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown config key {key!r}; {hint}allowed: {', '.join(_FIELDS)}")
+
+
+def _check(f: dataclasses.Field, value):
+    """`value` converted to the field's type and checked against its choices / range."""
+    kind = _TYPES[f.name]
+    meta = f.metadata
+    given = value
+
+    def bad(expected: str):
+        return ConfigError(f"config key {f.name!r}: got {given!r}; allowed: {expected}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer" + _range_text(meta))
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise bad("a number" + _range_text(meta))
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad("one of " + ", ".join(meta["choices"]) if "choices" in meta else "a string")
+    else:  # tuple[str, ...] | tuple[float, ...]
+        item = typing.get_args(kind)[0]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, item) or (item is float and isinstance(v, int) and not isinstance(v, bool)) for v in value):
+            raise bad(f"a list of {item.__name__}s")
+        value = tuple(item(v) for v in value)
+    if "choices" in meta and value not in meta["choices"]:
+        raise bad(", ".join(map(str, meta["choices"])))
+    if "range" in meta:
+        low, high, low_open, high_open = meta["range"]
+        if (low is not None and (value < low or (low_open and value == low))) or \
+                (high is not None and (value > high or (high_open and value == high))):
+            raise bad(_range_text(meta).strip(" ,"))
+    return value
+
+
+def _range_text(meta) -> str:
+    if "range" not in meta:
+        return ""
+    low, high, low_open, high_open = meta["range"]
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '≥'} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '≤'} {high}")
+    return " " + " and ".join(parts)
+
+
+def parse_value(text: str):
+    """A command-line value as TOML would read it; anything TOML rejects is a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        out[key.strip()] = parse_value(text.strip())
+    _check_keys(out)
+    return out
+
+
+def find_config(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"no config file {name_or_path!r}; give a path to a .toml file or one of: {', '.join(known)}")
+
+
+def read_config_file(path: Path) -> dict:
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable TOML config ({e})") from None
+    _check_keys(values)
+    return values
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults (the quick recipe) ← config file (a path or a name in configs/) ← key=value overrides."""
+    values = read_config_file(find_config(config)) if config else {}
+    if config and "name" not in values:
+        values["name"] = Path(config).stem
+    values.update(parse_overrides(overrides or []))
+    return RunConfig(**values)

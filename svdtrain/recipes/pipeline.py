@@ -1,0 +1,282 @@
+"""The staged pipeline of METHOD.md §4, one folder per run.
+
+train → sparsify → prune → finetune → export → report. Each stage reads what the
+previous one left in the run folder and writes `<stage>/result.json` last, so a
+stage with a result.json is done; `resume` skips done stages and continues an
+interrupted one from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import svdtrain
+from svdtrain.layers import svd_layers
+
+from .config import RunConfig, _check_keys
+from .data import Dataset, load_dataset
+from .models import build_model
+from .train import StageSettings, evaluate, fit, load_weights, save_atomic, write_atomic
+
+STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
+
+
+class Run:
+    """A run folder: its config, data, and the models each stage leaves."""
+
+    def __init__(self, folder: Path, cfg: RunConfig, echo=print):
+        self.folder, self.cfg, self.echo = Path(folder), cfg, echo
+
+    @classmethod
+    def create(cls, cfg: RunConfig, echo=print) -> "Run":
+        """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
+        run = cls(Path(), cfg, echo)
+        run.data  # noqa: B018 -- fail on missing data before any folder exists
+        out = Path(cfg.out_dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i in range(1000):
+            folder = out / (f"{cfg.name}-{stamp}" + (f"-{i}" if i else ""))
+            try:
+                folder.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                continue
+        run.folder = folder
+        run.save_config()
+        return run
+
+    @classmethod
+    def open(cls, folder: Path, overrides: dict | None = None, echo=print) -> "Run":
+        folder = Path(folder)
+        path = folder / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder (no config.json); start one with `svdtrain run`")
+        values = json.loads(path.read_text())
+        _check_keys(values)
+        run = cls(folder, RunConfig(**values).replace(**(overrides or {})), echo)
+        if overrides:
+            run.save_config()
+        return run
+
+    def save_config(self):
+        write_atomic(self.folder / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+
+    @cached_property
+    def data(self) -> Dataset:
+        return load_dataset(self.cfg.data, self.cfg.data_dir, self.cfg.image_size)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.folder / stage
+
+    def done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "result.json").is_file()
+
+    def result(self, stage: str) -> dict:
+        path = self.stage_dir(stage) / "result.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {stage!r} has not finished in {self.folder}; run `svdtrain {stage} "
+                                    f"{self.folder}` (or `svdtrain run --resume {self.folder}`)")
+        return json.loads(path.read_text())
+
+    def finish(self, stage: str, result: dict, model: nn.Module | None = None):
+        if model is not None:
+            save_atomic(model.state_dict(), self.stage_dir(stage) / "final.pt")
+        write_atomic(self.stage_dir(stage) / "result.json", json.dumps(result, indent=2) + "\n")
+
+    # --- models
+    def dense_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.seed)
+        c, h, _ = self.data.image_shape
+        return build_model(self.cfg.model, self.data.num_classes, c, h, self.cfg.bottleneck)
+
+    def svd_config(self, init: str = "svd") -> svdtrain.SVDConfig:
+        return svdtrain.SVDConfig(decomposition=self.cfg.decomposition, init=init,
+                                  exclude_modules=self.cfg.exclude_modules)
+
+    def decompose(self, model: nn.Module, init: str = "svd") -> nn.Module:
+        report = svdtrain.decompose_(model, self.svd_config(init))
+        if not report.replaced:
+            raise ValueError(f"model {self.cfg.model!r} has nothing to decompose with exclude_modules="
+                             f"{list(self.cfg.exclude_modules)}")
+        return model
+
+    def model_after(self, stage: str) -> nn.Module:
+        """The model a stage left (dense or SVD form, with its ranks)."""
+        state = load_weights(self.stage_dir(stage) / "final.pt")
+        model = self.dense_model()
+        if self.result(stage)["form"] == "svd":
+            self.decompose(model)
+        model.load_state_dict(state)
+        return model
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return self.data.normalize(self.data.test.images[:batch])
+
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
+
+    def fit(self, model: nn.Module, stage: str, epochs: int, lr: float, lambda_o: float, lambda_s: float) -> float:
+        """Train for one stage (if epochs > 0); returns the test accuracy at its end."""
+        if not epochs:
+            return self.accuracy(model)
+        history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s),
+                      self.stage_dir(stage), self.echo)
+        return history[-1]["test_accuracy"]
+
+
+def spectra(model: nn.Module) -> dict[str, list[float]]:
+    """Each SVD layer's |s|, sorted descending (all groups together)."""
+    return {name: layer.s.detach().abs().flatten().sort(descending=True).values.tolist()
+            for name, layer in svd_layers(model)}
+
+
+# --- the stages --------------------------------------------------------------------------------------------------
+
+def stage_train(run: Run) -> dict:
+    """Dense training, or SVD form from scratch with orthogonality only; or start from a dense checkpoint."""
+    cfg = run.cfg
+    model = run.dense_model()
+    if cfg.dense_checkpoint:
+        model.load_state_dict(load_weights(Path(cfg.dense_checkpoint)))
+    form = "svd" if cfg.train_mode == "svd" else "dense"
+    if form == "svd":
+        run.decompose(model, init="svd" if cfg.dense_checkpoint else "random")
+    started = time.perf_counter()
+    accuracy = run.fit(model, "train", cfg.train_epochs, cfg.lr, cfg.lambda_o if form == "svd" else 0.0, 0.0)
+    result = {"form": form, "accuracy": accuracy, "seconds": time.perf_counter() - started}
+    run.finish("train", result, model)
+    return result
+
+
+def stage_sparsify(run: Run) -> dict:
+    """Convert to SVD form (exact SVD) if dense, then train with orthogonality + sparsity."""
+    cfg = run.cfg
+    model = run.model_after("train")
+    if not svd_layers(model):
+        run.decompose(model, init="svd")
+    write_atomic(run.stage_dir("sparsify") / "spectra_before.json", json.dumps(spectra(model)))
+    started = time.perf_counter()
+    accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s)
+    write_atomic(run.stage_dir("sparsify") / "spectra_after.json", json.dumps(spectra(model)))
+    result = {"form": "svd", "accuracy": accuracy, "seconds": time.perf_counter() - started}
+    run.finish("sparsify", result, model)
+    return result
+
+
+def stage_prune(run: Run) -> dict:
+    """Prune singular values by energy, or to a FLOPs / parameter budget."""
+    cfg = run.cfg
+    model = run.model_after("sparsify")
+    knob = ({"flops": cfg.prune_flops} if cfg.prune_flops else
+            {"params": cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
+    report = svdtrain.prune_(model, **knob, example_inputs=run.example_input(), min_rank=cfg.min_rank)
+    run.echo(str(report))
+    write_atomic(run.stage_dir("prune") / "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    result = {"form": "svd", "accuracy": run.accuracy(model), "energy": report.energy,
+              "flops": report.flops_after, "dense_flops": report.dense_flops}
+    run.finish("prune", result, model)
+    return result
+
+
+def stage_finetune(run: Run) -> dict:
+    """Fine-tune the pruned model with orthogonality only."""
+    cfg = run.cfg
+    model = run.model_after("prune")
+    started = time.perf_counter()
+    accuracy = run.fit(model, "finetune", cfg.finetune_epochs, cfg.finetune_lr, cfg.lambda_o, 0.0)
+    result = {"form": "svd", "accuracy": accuracy, "seconds": time.perf_counter() - started}
+    run.finish("finetune", result, model)
+    return result
+
+
+def stage_export(run: Run) -> dict:
+    """The plain model: state_dict + ranks.json (rebuild with `load_exported`), and ONNX when available."""
+    model = run.model_after("finetune")
+    example = run.example_input()
+    small = svdtrain.export(model, example).eval()
+    folder = run.stage_dir("export")
+    layers = [{"name": name, "rank": layer.rank, "full_rank": layer.full_rank,
+               "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense"}
+              for name, layer in svd_layers(model)]
+    write_atomic(folder / "ranks.json", json.dumps({"model": run.cfg.model, "layers": layers}, indent=2) + "\n")
+    save_atomic(small.state_dict(), folder / "model.pt")
+    onnx = _export_onnx(small, example, folder / "model.onnx") if run.cfg.onnx else "disabled (onnx=false)"
+    result = {"form": "exported", "accuracy": run.accuracy(small), "flops": svdtrain.count_flops(small, example),
+              "params": svdtrain.count_params(small), "onnx": onnx, "layers": layers}
+    run.finish("export", result)
+    return result
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return "skipped: pip install 'svdtrain[tool]' for onnx and onnxscript"
+    import logging
+    import warnings
+
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # it warns about torchvision ops it cannot find: irrelevant here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False)
+    finally:
+        onnx_log.setLevel(level)
+    tmp = path.with_suffix(".onnx.tmp")
+    program.save(str(tmp))
+    tmp.replace(path)
+    return str(path.name)
+
+
+def load_exported(run_folder: Path) -> nn.Module:
+    """The exported plain model of a run, rebuilt from config.json, ranks.json and model.pt (no code unpickled)."""
+    run = Run.open(run_folder)
+    ranks = json.loads((run.stage_dir("export") / "ranks.json").read_text())
+    model = run.decompose(run.dense_model())
+    for row in ranks["layers"]:
+        model.get_submodule(row["name"]).truncate_(row["rank"])
+    small = svdtrain.export(model, run.example_input())
+    small.load_state_dict(load_weights(run.stage_dir("export") / "model.pt"))
+    return small.eval()
+
+
+def stage_report(run: Run) -> dict:
+    from .report import write_report
+
+    return write_report(run)
+
+
+STAGE_FUNCTIONS = {"train": stage_train, "sparsify": stage_sparsify, "prune": stage_prune,
+                   "finetune": stage_finetune, "export": stage_export, "report": stage_report}
+
+
+def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
+    """Run one stage; without `resume` its folder is cleared first (a fresh start of that stage)."""
+    if not resume and run.stage_dir(stage).exists():
+        shutil.rmtree(run.stage_dir(stage))
+    if run.cfg.threads:
+        torch.set_num_threads(run.cfg.threads)
+    run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+    run.echo(f"== {stage}")
+    return STAGE_FUNCTIONS[stage](run)
+
+
+def run_all(run: Run, resume: bool = False) -> dict:
+    """Every stage in order; with `resume`, finished stages are skipped and an interrupted one continues."""
+    result = {}
+    for stage in STAGES:
+        if resume and run.done(stage):
+            run.echo(f"== {stage}: done")
+            continue
+        result = run_stage(run, stage, resume=resume)
+    return result

@@ -1,0 +1,216 @@
+"""The report of a run: report.json, report.md, PNG plots, measured latency."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import svdtrain
+
+from .train import write_atomic
+
+
+def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of the convolutions alone (METHOD.md reports conv layers; BN and FC excluded)."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)))
+
+
+def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median forward time in ms per model; the models alternate within each repeat so drift hits all alike."""
+    times = {name: [] for name in models}
+    for m in models.values():
+        m.eval()
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            for m in models.values():
+                m(example)
+        for _ in range(repeats):
+            for name, m in models.items():
+                start = time.perf_counter()
+                m(example)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _history(run) -> list[dict]:
+    rows = []
+    for stage in ("train", "sparsify", "finetune"):
+        path = run.stage_dir(stage) / "log.csv"
+        if path.is_file():
+            with path.open() as f:
+                rows += [{k: (v if k == "stage" else float(v)) for k, v in row.items() if v != ""}
+                         for row in csv.DictReader(f)]
+    return rows
+
+
+def write_report(run) -> dict:
+    from .pipeline import load_exported
+
+    cfg = run.cfg
+    example = run.example_input()
+    dense = run.dense_model().eval()
+    small = load_exported(run.folder)
+    exported = run.result("export")
+    train = run.result("train")
+    latency = measure_latency({"dense": dense, "final": small}, example, cfg.latency_repeats)
+    report = {
+        "dense": {
+            "accuracy": train["accuracy"] if train["form"] == "dense" else None,
+            "flops": svdtrain.count_flops(dense, example),
+            "conv_flops": conv_flops(dense, example),
+            "params": svdtrain.count_params(dense),
+        },
+        "final": {
+            "accuracy": exported["accuracy"],
+            "flops": exported["flops"],
+            "conv_flops": conv_flops(small, example),
+            "params": exported["params"],
+            "latency_ms": latency["final"],
+            "dense_latency_ms": latency["dense"],
+        },
+        "stages": {stage: run.result(stage) for stage in ("train", "sparsify", "prune", "finetune")},
+        "layers": exported["layers"],
+        "config": cfg.to_dict(),
+        "environment": {"torch": torch.__version__, "svdtrain": svdtrain.__version__,
+                        "python": platform.python_version(), "machine": platform.machine(),
+                        "threads": torch.get_num_threads()},
+    }
+    final, base = report["final"], report["dense"]
+    final["flops_reduction"] = base["flops"] / final["flops"]
+    final["conv_flops_reduction"] = base["conv_flops"] / max(final["conv_flops"], 1)
+    final["speedup"] = latency["dense"] / latency["final"]
+    report["plots"] = _plots(run, report)
+    write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(run.folder / "report.md", _markdown(report))
+    run.echo(_headline(report))
+    run.finish("report", {"form": "report", "headline": _headline(report)})
+    return report
+
+
+def _headline(report: dict) -> str:
+    d, f = report["dense"], report["final"]
+    acc = f"{f['accuracy']:.2f} %" + (f" (dense {d['accuracy']:.2f} %)" if d["accuracy"] is not None else "")
+    return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "
+            f"params, latency {f['latency_ms']:.2f} ms vs dense {f['dense_latency_ms']:.2f} ms "
+            f"({f['speedup']:.2f}×, batch 1, {report['environment']['threads']} threads)")
+
+
+def _markdown(report: dict) -> str:
+    d, f, cfg = report["dense"], report["final"], report["config"]
+
+    def acc(value):
+        return "—" if value is None else f"{value:.2f} %"
+
+    lines = [
+        f"# svdtrain run `{cfg['name']}`",
+        "",
+        f"{cfg['model']} on {cfg['data']}, {cfg['decomposition']}-wise, sparsity {cfg['sparsity']} "
+        f"(λ_s = {cfg['lambda_s']}, λ_o = {cfg['lambda_o']}), epochs train/sparsify/finetune "
+        f"{cfg['train_epochs']}/{cfg['sparsify_epochs']}/{cfg['finetune_epochs']}.",
+        "",
+        "| | accuracy | FLOPs | conv FLOPs | params | latency (batch 1) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| dense | {acc(d['accuracy'])} | {d['flops']:,} | {d['conv_flops']:,} | {d['params']:,} | "
+        f"{f['dense_latency_ms']:.3f} ms |",
+        f"| final | {acc(f['accuracy'])} | {f['flops']:,} | {f['conv_flops']:,} | {f['params']:,} | "
+        f"{f['latency_ms']:.3f} ms |",
+        f"| ratio | | {f['flops_reduction']:.2f}× fewer | {f['conv_flops_reduction']:.2f}× fewer | "
+        f"{d['params'] / f['params']:.2f}× fewer | {f['speedup']:.2f}× faster |",
+        "",
+        "## Stages",
+        "",
+        "| stage | test accuracy |",
+        "|---|---:|",
+        *[f"| {name} | {acc(s.get('accuracy'))} |" for name, s in report["stages"].items()],
+        "",
+        "## Layers",
+        "",
+        "| layer | rank | full rank | exported as |",
+        "|---|---:|---:|---|",
+        *[f"| {row['name']} | {row['rank']} | {row['full_rank']} | {row['form']} |" for row in report["layers"]],
+        "",
+    ]
+    plots = report["plots"]
+    if isinstance(plots, dict):
+        lines += ["## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()] + [""]
+    else:
+        lines += [f"Plots: {plots}", ""]
+    return "\n".join(lines)
+
+
+def _plots(run, report: dict) -> dict | str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: pip install 'svdtrain[tool]' for matplotlib"
+    folder = run.folder
+    paths = {}
+
+    before = json.loads((run.stage_dir("sparsify") / "spectra_before.json").read_text())
+    after = json.loads((run.stage_dir("sparsify") / "spectra_after.json").read_text())
+    kept = {row["name"]: row["rank"] for row in report["layers"]}
+    names = list(before)
+    cols = min(6, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for values, label, color in ((before[name], "before", "0.6"), (after[name], "after", "C0")):
+            top = max(values[0], 1e-12)
+            ax.semilogy([max(v / top, 1e-6) for v in values], color=color, lw=1, label=label)
+        ax.axvline(kept.get(name, 0) - 0.5, color="C3", lw=0.8, ls="--")
+        ax.set_title(name, fontsize=6)
+        ax.tick_params(which="both", labelsize=5)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=5)
+    fig.suptitle("singular values |s|/max before and after sparsify (dashed: rank kept)", fontsize=8)
+    fig.tight_layout()
+    paths["spectra"] = _save(fig, folder / "spectra.png", plt)
+
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(report["layers"]) + 1))
+    labels = [row["name"] for row in report["layers"]]
+    ax.barh(labels, [row["full_rank"] for row in report["layers"]], color="0.8", label="full rank")
+    ax.barh(labels, [row["rank"] for row in report["layers"]], color="C0", label="kept")
+    ax.invert_yaxis()
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=7)
+    ax.set_title("rank per layer", fontsize=8)
+    fig.tight_layout()
+    paths["ranks"] = _save(fig, folder / "ranks.png", plt)
+
+    history = _history(run)
+    if history:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+        for i, stage in enumerate(dict.fromkeys(r["stage"] for r in history)):
+            xs = [j + 1 for j, r in enumerate(history) if r["stage"] == stage]
+            ys = [r for r in history if r["stage"] == stage]
+            left.plot(xs, [r["test_accuracy"] for r in ys], "o-", color=f"C{i}", label=stage, ms=3)
+            right.plot(xs, [r["task_loss"] for r in ys], "o-", color=f"C{i}", label=stage, ms=3)
+        left.set(xlabel="epoch", ylabel="test accuracy (%)")
+        right.set(xlabel="epoch", ylabel="training loss (task)")
+        left.legend(fontsize=7)
+        fig.tight_layout()
+        paths["curves"] = _save(fig, folder / "curves.png", plt)
+    return paths
+
+
+def _save(fig, path: Path, plt) -> str:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name

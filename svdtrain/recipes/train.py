@@ -1,0 +1,223 @@
+"""The one training loop: every stage (dense, SVD, sparsify, fine-tune) runs through `fit`.
+
+Deterministic on CPU: each epoch's shuffling and augmentation come from a
+generator seeded by (seed, stage, epoch), so a run resumed from the checkpoint
+of epoch k repeats epochs k+1… exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svdtrain
+from svdtrain.layers import svd_layers
+from svdtrain.prune import rank_for_energy, tail_energy
+
+from .config import RunConfig
+from .data import Dataset, Split
+
+STAGE_SEEDS = {"train": 1, "sparsify": 2, "finetune": 3}
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and what was saved."""
+
+
+def write_atomic(path: Path, data: bytes | str):
+    """Write to a temporary file in the same folder, flush, fsync, rename: readers see old or new, never torn."""
+    path = Path(path)
+    data = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj, path: Path):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_weights(path: Path):
+    """A checkpoint or state_dict, read without unpickling code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What differs between the stages that train."""
+
+    name: str  # train | sparsify | finetune
+    epochs: int
+    lr: float
+    lambda_o: float  # orthogonality weight (0 for a dense model)
+    lambda_s: float  # sparsity weight
+
+
+def lr_factor(cfg: RunConfig, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier for `epoch` (0-based) of a stage lasting `epochs`."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(epoch >= round(m * epochs) for m in cfg.milestones)
+    return 1.0
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, split: Split, cfg: RunConfig) -> tuple[float, float]:
+    """(accuracy in %, mean cross-entropy) over `split`."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in data.batches(split, cfg.eval_batch_size, max_batches=cfg.max_batches):
+        out = model(x)
+        correct += (out.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        n += len(y)
+    return 100.0 * correct / n, loss / n
+
+
+def ranks_at_energy(model: nn.Module, energy: float) -> dict[str, int]:
+    """The rank each SVD layer would keep if pruned now at `energy`."""
+    return {name: rank_for_energy(tail_energy(layer.s), energy) for name, layer in svd_layers(model)}
+
+
+def _regularizer(svd: bool, weight: float, fn, *args) -> torch.Tensor:
+    """The regularizer's value; without autograd when its weight is 0 (logged, not trained on)."""
+    if not svd:
+        return torch.zeros(())
+    if weight:
+        return fn(*args)
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return iterable
+
+
+def _tensorboard(folder: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(folder / "tb"), purge_step=purge_step)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("epoch_*.pt"))
+
+
+def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, folder: Path,
+        echo=print) -> list[dict]:
+    """Train `model` for one stage, checkpointing every epoch into `folder`; resumes from the latest checkpoint.
+
+    Returns the per-epoch history (also written to folder/log.csv and TensorBoard).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    opt = make_optimizer(cfg, model, stage.lr)
+    history, start = [], 0
+    if _checkpoints(folder):
+        state = load_weights(_checkpoints(folder)[-1])
+        model.load_state_dict(state["model"])
+        opt = make_optimizer(cfg, model, stage.lr)  # ranks may have changed the parameters' shapes
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+        echo(f"[{stage.name}] resuming after epoch {start}")
+    writer = _tensorboard(folder, start + 1)
+    svd = bool(svd_layers(model))
+    train = data.train.subset(cfg.train_subset)
+    steps = math.ceil(len(train) / cfg.batch_size)
+    steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
+    for epoch in range(start, stage.epochs):
+        lr = stage.lr * lr_factor(cfg, epoch, stage.epochs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + STAGE_SEEDS[stage.name] * 10_007 + epoch)
+        model.train()
+        sums = {"loss": 0.0, "task_loss": 0.0, "orthogonality": 0.0, "sparsity": 0.0}
+        correct = seen = 0
+        started = time.perf_counter()
+        batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches)
+        for step, (x, y) in enumerate(_progress(batches, steps, f"{stage.name} {epoch + 1}/{stage.epochs}",
+                                                cfg.progress)):
+            out = model(x)
+            task = F.cross_entropy(out, y)
+            ortho = _regularizer(svd, stage.lambda_o, svdtrain.orthogonality_loss, model)
+            sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
+            loss = task + stage.lambda_o * ortho + stage.lambda_s * sparse
+            if not torch.isfinite(loss):
+                last = _checkpoints(folder)[-1] if _checkpoints(folder) else None
+                raise TrainingError(f"non-finite loss ({loss.item()}) in stage {stage.name}, epoch {epoch + 1}, "
+                                    f"step {step + 1}; last good checkpoint: {last or 'none (stage start)'}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for key, value in (("loss", loss), ("task_loss", task), ("orthogonality", ortho), ("sparsity", sparse)):
+                sums[key] += value.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+        test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg)
+        row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr, **{k: v / seen for k, v in sums.items()},
+               "train_accuracy": 100.0 * correct / seen, "test_accuracy": test_acc, "test_loss": test_loss,
+               "seconds": time.perf_counter() - started}
+        if svd:
+            row.update({f"rank/{name}": r for name, r in ranks_at_energy(model, cfg.energy).items()})
+        history.append(row)
+        echo(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['loss']:.4f}  "
+             f"train {row['train_accuracy']:.2f} %  test {test_acc:.2f} %  ({row['seconds']:.0f} s)")
+        if writer is not None:
+            for key, value in row.items():
+                if key not in ("stage", "epoch"):
+                    writer.add_scalar(key, value, epoch + 1)
+            writer.flush()
+        save_atomic({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "history": history}, folder / f"epoch_{epoch + 1:03d}.pt")
+        for old in _checkpoints(folder)[:-cfg.keep_checkpoints]:
+            old.unlink()
+        write_csv(folder / "log.csv", history)
+    if writer is not None:
+        writer.close()
+    return history
+
+
+def write_csv(path: Path, rows: list[dict]):
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    out = csv.DictWriter(buffer, columns)
+    out.writeheader()
+    out.writerows(rows)
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,68 @@
+import pytest
+
+from svdtrain.recipes.config import CONFIG_DIR, ConfigError, RunConfig, load_config, parse_overrides
+
+
+def test_defaults_are_the_quick_recipe_file():
+    assert load_config("quick") == RunConfig()
+    assert load_config() == RunConfig()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_config_file_is_valid(path):
+    cfg = load_config(str(path))
+    assert cfg.name == path.stem
+
+
+def test_overrides_are_typed():
+    cfg = load_config("quick", ["lr=3e-4", "augment=false", "exclude_modules=[\"fc\", \"conv1\"]", "model=lenet5",
+                                "milestones=[0.5]", "train_epochs=7", "energy=0"])
+    assert (cfg.lr, cfg.augment, cfg.exclude_modules, cfg.model) == (3e-4, False, ("fc", "conv1"), "lenet5")
+    assert cfg.milestones == (0.5,) and cfg.train_epochs == 7 and cfg.energy == 0.0
+    assert load_config(None, ["exclude_modules=fc"]).exclude_modules == ("fc",)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lamda_s=0.1", "unknown config key 'lamda_s'; did you mean 'lambda_s'"),
+    ("lambda_s=-1", "'lambda_s': got -1; allowed: ≥ 0"),
+    ("energy=1", "'energy': got 1; allowed: ≥ 0 and < 1"),
+    ("energy=nan", "'energy'"),
+    ("lr=fast", "'lr': got 'fast'; allowed: a number > 0"),
+    ("model=vgg", "'model': got 'vgg'; allowed: resnet20"),
+    ("data=mnist", "allowed: fashion_mnist"),
+    ("train_epochs=1.5", "'train_epochs': got 1.5; allowed: an integer ≥ 0"),
+    ("augment=yes", "'augment': got 'yes'; allowed: true or false"),
+    ("sparsity=l2", "allowed: l1, hoyer, hoyer_square"),
+    ("milestones=[1.5]", "milestones"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_overrides_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_conflicting_budgets():
+    with pytest.raises(ConfigError, match="at most one"):
+        RunConfig(prune_flops=0.3, prune_params=0.3)
+
+
+def test_config_files_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = [unclosed")
+    with pytest.raises(ConfigError, match="not a readable TOML"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("epochs = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'epochs'"):
+        load_config(str(unknown))
+    with pytest.raises(ConfigError, match="quick"):
+        load_config("no_such_recipe")
+
+
+def test_round_trip_through_json():
+    import json
+
+    cfg = load_config("cifar10_resnet56_spatial")
+    assert RunConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert parse_overrides(["name=x y"]) == {"name": "x y"}

@@ -1,0 +1,171 @@
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from svdtrain.recipes.data import (FASHION_MNIST_DIR, DataError, augment_batch, load_cifar, load_dataset,
+                                   load_digits, load_fashion_mnist, load_image_folder, make_synthetic, read_idx)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def fake_fashion_mnist(folder: Path, n_train=20, n_test=10, compress=True):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if compress else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), compress)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_fashion_mnist_reader(tmp_path, compress):
+    fake_fashion_mnist(tmp_path, compress=compress)
+    data = load_fashion_mnist(tmp_path)
+    assert data.train.images.shape == (20, 1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert data.test.labels.shape == (10,) and data.num_classes == 10
+
+
+def test_idx_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x00\x00\x09\x01" + (3).to_bytes(4, "big") + b"abc")
+    with pytest.raises(DataError, match="bad magic number"):
+        read_idx(bad)
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc")
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(truncated)
+    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist.*data_dir"):
+        load_fashion_mnist(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist():
+    data = load_dataset("fashion_mnist")
+    assert data.train.images.shape == (60000, 1, 28, 28) and data.test.images.shape == (10000, 1, 28, 28)
+    assert torch.equal(data.train.labels.bincount(), torch.full((10,), 6000))
+    x = data.normalize(data.train.images[:5000])  # the stored mean / std standardise the data
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+def write_cifar(folder: Path, classes=10, n=8):
+    rng = np.random.default_rng(1)
+    if classes == 10:
+        folder = folder / "cifar-10-batches-py"
+        names, key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        folder = folder / "cifar-100-python"
+        names, key = ["train", "test"], b"fine_labels"
+    folder.mkdir()
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_reader(tmp_path, classes):
+    folder = write_cifar(tmp_path, classes)
+    data = load_cifar(tmp_path, classes)
+    train_batches = 5 if classes == 10 else 1
+    assert data.train.images.shape == (8 * train_batches, 3, 32, 32) and data.test.images.shape == (8, 3, 32, 32)
+    raw = pickle.loads((folder / ("test_batch" if classes == 10 else "test")).read_bytes(), encoding="bytes")
+    assert torch.equal(data.test.images[0], torch.tensor(raw[b"data"][0]).reshape(3, 32, 32))
+    assert data.num_classes == classes
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    folder = write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Exploit(str(marker)), b"labels": [1]}))
+    with pytest.raises(DataError, match="refusing to load"):
+        load_cifar(tmp_path, 10)
+    assert not marker.exists()
+
+
+def test_cifar_missing_and_corrupt(tmp_path):
+    with pytest.raises(DataError, match="data_dir"):
+        load_cifar(tmp_path, 10)
+    folder = write_cifar(tmp_path)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR python batch"):
+        load_cifar(tmp_path, 10)
+
+
+def write_image_folder(root: Path, size=(20, 14)):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+
+
+def test_image_folder_reader_in_memory_and_lazy(tmp_path):
+    pytest.importorskip("PIL")
+    write_image_folder(tmp_path)
+    data = load_image_folder(tmp_path, 8)
+    assert data.train.images.shape == (6, 3, 8, 8) and data.num_classes == 2
+    assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    lazy = load_image_folder(tmp_path, 8, memory_limit_gb=0)
+    assert not isinstance(lazy.train.images, torch.Tensor)
+    assert torch.equal(lazy.train.images[torch.arange(6)], data.train.images)
+    batches = list(lazy.batches(lazy.train, 4, torch.Generator().manual_seed(0), augment=True))
+    assert [x.shape for x, _ in batches] == [(4, 3, 8, 8), (2, 3, 8, 8)]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_image_folder(tmp_path, 8)
+    write_image_folder(tmp_path)
+    (tmp_path / "val" / "cat" / "0.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot decode"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_digits():
+    pytest.importorskip("sklearn")
+    data = load_digits()
+    assert data.train.images.shape == (1500, 1, 8, 8) and len(data.test) == 297
+
+
+def test_augment_crop_and_flip_are_windows_of_the_padded_batch():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.uint8).reshape(2, 1, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment_batch(x, 0, False, g), x)
+    out = augment_batch(x, 2, True, torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+
+
+def test_batches_are_a_seeded_permutation():
+    data = make_synthetic(n_train=50)
+    run = [torch.cat([y for _, y in data.batches(data.train, 16, torch.Generator().manual_seed(5))]) for _ in range(2)]
+    assert torch.equal(run[0], run[1])
+    assert torch.equal(run[0].sort().values, data.train.labels.sort().values)
+    assert sum(1 for _ in data.batches(data.train, 16, max_batches=2)) == 2
+
+
+def test_unknown_data_set():
+    with pytest.raises(DataError, match="allowed"):
+        load_dataset("mnist")

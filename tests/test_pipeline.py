@@ -1,0 +1,158 @@
+"""The tool end to end: every stage and the CLI on synthetic data and on a slice of real Fashion-MNIST."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_err
+from svdtrain.cli import main
+from svdtrain.recipes.data import FASHION_MNIST_DIR
+from svdtrain.recipes.pipeline import Run, load_exported
+
+SYNTHETIC = ["data=synthetic", "model=resnet20", "train_epochs=2", "sparsify_epochs=2", "finetune_epochs=1",
+             "lambda_s=0.05", "energy=0.2", "progress=false", "latency_repeats=3", "batch_size=64"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["run", *SYNTHETIC, f"out_dir={out}"]) == 0
+    (folder,) = out.iterdir()
+    return folder
+
+
+def test_run_leaves_everything(synthetic_run):
+    folder = synthetic_run
+    for path in ("config.json", "report.json", "report.md", "spectra.png", "ranks.png", "curves.png",
+                 "export/model.pt", "export/ranks.json", "export/model.onnx", "train/log.csv", "sparsify/log.csv",
+                 "finetune/log.csv", "sparsify/spectra_before.json", "sparsify/spectra_after.json"):
+        assert (folder / path).is_file(), path
+    assert list((folder / "train" / "tb").glob("events.out.tfevents.*"))
+    assert len(list((folder / "sparsify").glob("epoch_*.pt"))) == 2
+    report = json.loads((folder / "report.json").read_text())
+    for key in ("accuracy", "flops", "params"):
+        assert report["dense"][key] > 0
+    for key in ("accuracy", "flops", "params", "latency_ms", "dense_latency_ms"):
+        assert report["final"][key] > 0
+    assert report["final"]["flops"] < report["dense"]["flops"]  # energy 0.2 removes rank
+    assert report["config"]["energy"] == 0.2
+    assert {row["name"] for row in report["layers"]} >= {"conv1", "layer3.2.conv2"}
+    assert all(row["rank"] <= row["full_rank"] for row in report["layers"])
+    header = (folder / "sparsify" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"loss", "task_loss", "orthogonality", "sparsity", "test_accuracy", "rank/conv1"} <= set(header)
+
+
+def test_exported_model_reloads_without_code(synthetic_run):
+    small = load_exported(synthetic_run)
+    run = Run.open(synthetic_run)
+    x = run.example_input(4)
+    assert not [m for m in small.modules() if type(m).__module__.startswith("svdtrain.layers")]
+    model = run.model_after("finetune").eval()
+    with torch.no_grad():
+        assert rel_err(small(x), model(x)) <= 1e-5
+    report = json.loads((synthetic_run / "report.json").read_text())
+    assert report["final"]["accuracy"] == pytest.approx(run.accuracy(small), abs=1e-9)
+
+
+def test_onnx_output_matches(synthetic_run):
+    ort = pytest.importorskip("onnxruntime")
+    small = load_exported(synthetic_run)
+    x = Run.open(synthetic_run).example_input(1)
+    session = ort.InferenceSession(str(synthetic_run / "export" / "model.onnx"))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(out), small(x)) <= 1e-5
+
+
+def test_stage_subcommands_extend_a_run(synthetic_run, capsys):
+    code, out, _ = run_cli(["prune", str(synthetic_run), "energy=0.4"], capsys)
+    assert code == 0 and out.strip().splitlines()[-1] == str(synthetic_run)
+    assert json.loads((synthetic_run / "config.json").read_text())["energy"] == 0.4
+    pruned = json.loads((synthetic_run / "prune" / "prune_report.json").read_text())
+    before = {r["name"]: r["rank"] for r in json.loads((synthetic_run / "export" / "ranks.json").read_text())["layers"]}
+    assert sum(r["rank_after"] for r in pruned["layers"]) < sum(before.values())
+    for stage in ("finetune", "export", "report"):
+        assert run_cli([stage, str(synthetic_run)], capsys)[0] == 0
+    report = json.loads((synthetic_run / "report.json").read_text())
+    assert sum(r["rank"] for r in report["layers"]) == sum(r["rank_after"] for r in pruned["layers"])
+
+
+def test_flops_budget_from_the_cli(tmp_path, capsys):
+    code, out, _ = run_cli(["run", *SYNTHETIC, "prune_flops=0.4", f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    report = json.loads((Path(out.strip().splitlines()[-1]) / "report.json").read_text())
+    assert 0.38 <= report["final"]["flops"] / report["dense"]["flops"] <= 0.4
+
+
+def test_svd_training_from_scratch_and_spatial(tmp_path, capsys):
+    code, out, _ = run_cli(["run", *SYNTHETIC, "train_mode=svd", "decomposition=spatial", "model=lenet5",
+                            "exclude_modules=fc3", "onnx=false", f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    folder = Path(out.strip().splitlines()[-1])
+    assert json.loads((folder / "train" / "result.json").read_text())["form"] == "svd"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["dense"]["accuracy"] is None and report["final"]["accuracy"] > 0
+    assert "rank/conv1" in (folder / "train" / "log.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "lamda_s=0.1"], "did you mean 'lambda_s'"),
+    (["run", "energy=1.5"], "'energy'"),
+    (["run", "no_such_recipe"], "no config file"),
+    (["run", "data=cifar10", "data_dir=/nonexistent"], "/nonexistent"),
+    (["prune", "/nonexistent"], "not a run folder"),
+])
+def test_errors_are_one_line_and_leave_no_folder(tmp_path, capsys, args, message):
+    code, out, err = run_cli([*args, f"out_dir={tmp_path}"] if args[0] == "run" else args, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_after_kill_gives_the_same_numbers(tmp_path):
+    args = [*SYNTHETIC, "onnx=false", "train_epochs=3", "sparsify_epochs=3"]
+    assert main(["run", *args, f"out_dir={tmp_path / 'straight'}"]) == 0
+    (straight,) = (tmp_path / "straight").iterdir()
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "svdtrain.cli", "run", *args, f"out_dir={tmp_path / 'killed'}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("*/sparsify/epoch_001.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = (tmp_path / "killed").iterdir()
+    assert not (killed / "report.json").exists()
+    assert main(["run", "--resume", str(killed)]) == 0
+
+    a, b = (json.loads((f / "report.json").read_text()) for f in (straight, killed))
+    for part in ("dense", "final"):
+        for key in ("accuracy", "flops", "params"):
+            assert a[part][key] == b[part][key], (part, key)
+    assert a["layers"] == b["layers"]
+    assert {k: v["accuracy"] for k, v in a["stages"].items()} == {k: v["accuracy"] for k, v in b["stages"].items()}
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_slice(tmp_path, capsys):
+    code, out, _ = run_cli(["run", "model=lenet5", "exclude_modules=fc3", "train_subset=8192", "test_subset=1000",
+                            "train_epochs=2", "sparsify_epochs=1", "finetune_epochs=1", "progress=false",
+                            "latency_repeats=3", "onnx=false", f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    report = json.loads((Path(out.strip().splitlines()[-1]) / "report.json").read_text())
+    assert report["config"]["data"] == "fashion_mnist"
+    assert report["dense"]["accuracy"] > 60  # 10 classes: chance is 10 %
+    assert report["final"]["accuracy"] > 60
