@@ -102,7 +102,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "RunConfig":
-        _check_keys(changes)
+        check_keys(changes)
         return dataclasses.replace(self, **changes)
 
 
@@ -110,7 +110,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES = typing.get_type_hints(RunConfig)
 
 
-def _check_keys(keys):
+def check_keys(keys):
     for key in keys:
         if key not in _FIELDS:
             close = difflib.get_close_matches(key, _FIELDS, n=1)
@@ -185,7 +185,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"expected key=value, got {item!r}")
         out[key.strip()] = parse_value(text.strip())
-    _check_keys(out)
+    check_keys(out)
     return out
 
 
@@ -205,7 +205,7 @@ def read_config_file(path: Path) -> dict:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: not a readable TOML config ({e})") from None
-    _check_keys(values)
+    check_keys(values)
     return values
 
 

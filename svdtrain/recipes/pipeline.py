@@ -20,7 +20,7 @@ from torch import nn
 import svdtrain
 from svdtrain.layers import svd_layers
 
-from .config import RunConfig, _check_keys
+from .config import RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .models import build_model
 from .train import StageSettings, evaluate, fit, load_weights, save_atomic, write_atomic
@@ -59,7 +59,7 @@ class Run:
         if not path.is_file():
             raise FileNotFoundError(f"{folder} is not a run folder (no config.json); start one with `svdtrain run`")
         values = json.loads(path.read_text())
-        _check_keys(values)
+        check_keys(values)
         run = cls(folder, RunConfig(**values).replace(**(overrides or {})), echo)
         if overrides:
             run.save_config()
@@ -117,7 +117,7 @@ class Run:
         return model
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        return self.data.normalize(self.data.test.images[:batch])
+        return self.data.normalize(self.data.test.images[torch.arange(batch)])
 
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]

@@ -148,15 +148,15 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     Returns the per-epoch history (also written to folder/log.csv and TensorBoard).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    opt = make_optimizer(cfg, model, stage.lr)
-    history, start = [], 0
+    history, start, saved = [], 0, None
     if _checkpoints(folder):
-        state = load_weights(_checkpoints(folder)[-1])
-        model.load_state_dict(state["model"])
-        opt = make_optimizer(cfg, model, stage.lr)  # ranks may have changed the parameters' shapes
-        opt.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["epoch"]
+        saved = load_weights(_checkpoints(folder)[-1])
+        model.load_state_dict(saved["model"])
+        history, start = saved["history"], saved["epoch"]
         echo(f"[{stage.name}] resuming after epoch {start}")
+    opt = make_optimizer(cfg, model, stage.lr)  # after loading: parameters are new objects
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
     writer = _tensorboard(folder, start + 1)
     svd = bool(svd_layers(model))
     train = data.train.subset(cfg.train_subset)
