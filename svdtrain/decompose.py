@@ -63,6 +63,55 @@ class DecomposeReport:
         return text
 
 
+def select_layers(model: nn.Module, config: SVDConfig,
+                  filter_fn: Callable[[nn.Module, str], bool] | None = None) -> tuple[list[tuple[str, nn.Module]],
+                                                                                    list[dict]]:
+    """The layers `decompose_` would replace, as (fqn, module), and those it skips, as {name, type, reason}."""
+    read_by_parent = {id(child): type(m).__name__ for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+                      for child in m.children()}
+    owners: dict[int, dict[int, str]] = {}  # parameter -> {owning module: its name}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(m), fqn)
+
+    def why_not(module: nn.Module, fqn: str) -> str | None:
+        if isinstance(module, SVD_LAYERS):
+            return "already decomposed"
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return "transposed convolution is not supported"
+        if isinstance(module, _LAZY):
+            return "lazy module not initialised yet: run one forward first"
+        if isinstance(module, (nn.Linear, *_CONVS)) and type(module).forward not in (nn.Linear.forward,
+                                                                                     *(c.forward for c in _CONVS)):
+            return f"{type(module).__name__} overrides forward; its behaviour would be lost"
+        if id(module) in read_by_parent:
+            return f"weight read by its parent {read_by_parent[id(module)]} outside its own forward"
+        tied = [name for owner, name in owners.get(id(module.weight), {}).items() if owner != id(module)]
+        if tied:
+            return f"weight shared with {', '.join(sorted(set(tied)))}"
+        if isinstance(module, _CONVS) and module.groups > 1 and module.in_channels == module.groups:
+            return "depthwise convolution: one input channel per group, nothing to factor"
+        if config.target_modules is not None and not name_matches(fqn, config.target_modules):
+            return "not matched by target_modules"
+        if name_matches(fqn, config.exclude_modules):
+            return "matched by exclude_modules"
+        if filter_fn is not None and not filter_fn(module, fqn):
+            return "filter_fn returned False"
+        return None
+
+    targets, skipped = [], []
+    for fqn, module in model.named_modules():
+        if module is model or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *SVD_LAYERS)) \
+                and not is_gpt2_conv1d(module):
+            continue
+        reason = why_not(module, fqn)
+        if reason is None:
+            targets.append((fqn, module))
+        else:
+            skipped.append({"name": fqn, "type": type(module).__name__, "reason": reason})
+    return targets, skipped
+
+
 def decompose_(model: nn.Module, config: SVDConfig | None = None,
                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> DecomposeReport:
     """Replace, in place, every target Linear / Conv1d/2d/3d / GPT-2 Conv1D by its SVD form.
@@ -89,50 +138,14 @@ def decompose_(model: nn.Module, config: SVDConfig | None = None,
     if isinstance(model, (nn.Linear, *_CONVS, *SVD_LAYERS)) or is_gpt2_conv1d(model):
         raise TypeError(f"decompose_ works in place on a model that holds layers, got a bare {type(model).__name__}; "
                         "use SVDLinear.from_dense / SVDConv.from_dense for a single layer")
-    report = DecomposeReport()
-    read_by_parent = {id(child): type(m).__name__ for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-                      for child in m.children()}
-    owners: dict[int, dict[int, str]] = {}  # parameter -> {owning module: its name}
-    for fqn, m in model.named_modules(remove_duplicate=False):
-        for p in m.parameters(recurse=False):
-            owners.setdefault(id(p), {}).setdefault(id(m), fqn)
-
-    def why_not(module: nn.Module, fqn: str) -> str | None:
-        if isinstance(module, _LAZY):
-            return "lazy module not initialised yet: run one forward first"
-        if isinstance(module, (nn.Linear, *_CONVS)) and type(module).forward not in (nn.Linear.forward,
-                                                                                     *(c.forward for c in _CONVS)):
-            return f"{type(module).__name__} overrides forward; its behaviour would be lost"
-        if id(module) in read_by_parent:
-            return f"weight read by its parent {read_by_parent[id(module)]} outside its own forward"
-        tied = [name for owner, name in owners.get(id(module.weight), {}).items() if owner != id(module)]
-        if tied:
-            return f"weight shared with {', '.join(sorted(set(tied)))}"
-        if isinstance(module, _CONVS) and module.groups > 1 and module.in_channels == module.groups:
-            return "depthwise convolution: one input channel per group, nothing to factor"
-        if config.target_modules is not None and not name_matches(fqn, config.target_modules):
-            return "not matched by target_modules"
-        if name_matches(fqn, config.exclude_modules):
-            return "matched by exclude_modules"
-        if filter_fn is not None and not filter_fn(module, fqn):
-            return "filter_fn returned False"
-        return None
+    targets, skipped = select_layers(model, config, filter_fn)
+    report = DecomposeReport(skipped=skipped)
+    chosen = {id(module) for _, module in targets}
 
     def replace(module: nn.Module, fqn: str) -> nn.Module | None:
-        if module is model:
+        if id(module) not in chosen:
             return None
-        if isinstance(module, SVD_LAYERS):
-            report.skipped.append({"name": fqn, "type": type(module).__name__, "reason": "already decomposed"})
-            return module
-        linear = isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
-        if not (linear or isinstance(module, (*_CONVS, nn.modules.conv._ConvTransposeNd))):
-            return None
-        reason = ("transposed convolution is not supported" if isinstance(module, nn.modules.conv._ConvTransposeNd)
-                  else why_not(module, fqn))
-        if reason is not None:
-            report.skipped.append({"name": fqn, "type": type(module).__name__, "reason": reason})
-            return module
-        if linear:
+        if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
             new = SVDLinear.from_dense(module, init=config.init)
         else:
             decomposition = config.decomposition if len(module.kernel_size) == 2 else "channel"

@@ -19,6 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .baselines import METHODS
 from .data import DATASETS
 from .models import MODELS
 
@@ -51,7 +52,7 @@ class RunConfig:
     model: str = field(default="resnet20", metadata=_choice(*MODELS))
     bottleneck: bool = False  # CIFAR ResNet with bottleneck blocks (depth 9n + 2), as the authors' code for ≥ 44
     # --- method
-    method: str = field(default="svd", metadata=_choice("svd"))
+    method: str = field(default="svd", metadata=_choice(*METHODS, doc="svd or a baseline (recipes/baselines.py)"))
     train_mode: str = field(default="dense", metadata=_choice(
         "dense", "svd", doc="train stage: dense (converted by exact SVD before sparsify) or SVD form from scratch"))
     dense_checkpoint: str = ""  # a dense state_dict to start from instead of training (train stage converts it)
@@ -64,6 +65,10 @@ class RunConfig:
     prune_flops: float = field(default=0.0, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
     prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
     min_rank: int = field(default=1, metadata=_range(1))
+    trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
+    trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
+    trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,
+                                                           doc="trp: energy removed by each truncation in training"))
     # --- optimisation (every stage)
     optimizer: str = field(default="adam", metadata=_choice("sgd", "adam"))
     lr: float = field(default=1e-3, metadata=_range(0, low_open=True))
@@ -95,6 +100,10 @@ class RunConfig:
             raise ConfigError("prune_flops and prune_params are both set; allowed: at most one (0 = unused)")
         if self.train_epochs == 0 and not self.dense_checkpoint and self.train_mode == "dense":
             raise ConfigError("train_epochs=0 needs dense_checkpoint=PATH (a dense state_dict to start from)")
+        if self.method != "svd" and self.train_mode != "dense":
+            raise ConfigError(f"method={self.method} starts from a dense model; allowed: train_mode=dense")
+        if self.method == "filter_pruning" and not self.prune_flops:
+            raise ConfigError("method=filter_pruning needs prune_flops=FRACTION (the FLOPs budget of the pruned model)")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(f"milestones={self.milestones}: allowed: fractions of a stage's epochs, each in (0, 1)")
 

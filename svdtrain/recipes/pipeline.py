@@ -20,6 +20,9 @@ from torch import nn
 import svdtrain
 from svdtrain.layers import svd_layers
 
+from svdtrain.config import name_matches
+
+from .baselines import filter_prune_, resize_to_state_
 from .config import RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .models import build_model
@@ -108,11 +111,13 @@ class Run:
         return model
 
     def model_after(self, stage: str) -> nn.Module:
-        """The model a stage left (dense or SVD form, with its ranks)."""
+        """The model a stage left: SVD form with its ranks, or dense (filter-pruned layers resized)."""
         state = load_weights(self.stage_dir(stage) / "final.pt")
         model = self.dense_model()
         if self.result(stage)["form"] == "svd":
             self.decompose(model)
+        else:
+            resize_to_state_(model, state)
         model.load_state_dict(state)
         return model
 
@@ -122,11 +127,12 @@ class Run:
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
 
-    def fit(self, model: nn.Module, stage: str, epochs: int, lr: float, lambda_o: float, lambda_s: float) -> float:
+    def fit(self, model: nn.Module, stage: str, epochs: int, lr: float, lambda_o: float, lambda_s: float,
+            **trp) -> float:
         """Train for one stage (if epochs > 0); returns the test accuracy at its end."""
         if not epochs:
             return self.accuracy(model)
-        history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s),
+        history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s, **trp),
                       self.stage_dir(stage), self.echo)
         return history[-1]["test_accuracy"]
 
@@ -156,27 +162,47 @@ def stage_train(run: Run) -> dict:
 
 
 def stage_sparsify(run: Run) -> dict:
-    """Convert to SVD form (exact SVD) if dense, then train with orthogonality + sparsity."""
+    """svd: convert to SVD form (exact SVD) if dense, then train with orthogonality + sparsity.
+    trp: dense training with periodic SVD truncation and the nuclear norm. Other methods: nothing to do."""
     cfg = run.cfg
     model = run.model_after("train")
-    if not svd_layers(model):
-        run.decompose(model, init="svd")
-    write_atomic(run.stage_dir("sparsify") / "spectra_before.json", json.dumps(spectra(model)))
     started = time.perf_counter()
-    accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s)
-    write_atomic(run.stage_dir("sparsify") / "spectra_after.json", json.dumps(spectra(model)))
-    result = {"form": "svd", "accuracy": accuracy, "seconds": time.perf_counter() - started}
+    if cfg.method == "svd":
+        if not svd_layers(model):
+            run.decompose(model, init="svd")
+        write_atomic(run.stage_dir("sparsify") / "spectra_before.json", json.dumps(spectra(model)))
+        accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s)
+        write_atomic(run.stage_dir("sparsify") / "spectra_after.json", json.dumps(spectra(model)))
+    elif cfg.method == "trp":
+        accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,
+                           truncate_every=cfg.trp_period, truncate_energy=cfg.trp_energy)
+    else:
+        accuracy = run.result("train")["accuracy"]
+    form = "svd" if svd_layers(model) else "dense"
+    result = {"form": form, "accuracy": accuracy, "seconds": time.perf_counter() - started}
     run.finish("sparsify", result, model)
     return result
 
 
 def stage_prune(run: Run) -> dict:
-    """Prune singular values by energy, or to a FLOPs / parameter budget."""
+    """Prune singular values by energy or to a FLOPs / parameter budget; filter_pruning prunes channels instead."""
     cfg = run.cfg
     model = run.model_after("sparsify")
+    example = run.example_input()
+    if cfg.method == "filter_pruning":
+        ignored = [module for name, module in model.named_modules() if name and name_matches(name, cfg.exclude_modules)]
+        dense_flops = svdtrain.count_flops(model, example)
+        ratio = filter_prune_(model, cfg.prune_flops, example, ignored)
+        run.echo(f"filter pruning: {ratio:.3f} of the channels of every layer removed")
+        result = {"form": "dense", "accuracy": run.accuracy(model), "channel_ratio": ratio,
+                  "flops": svdtrain.count_flops(model, example), "dense_flops": dense_flops}
+        run.finish("prune", result, model)
+        return result
+    if not svd_layers(model):
+        run.decompose(model, init="svd")
     knob = ({"flops": cfg.prune_flops} if cfg.prune_flops else
             {"params": cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
-    report = svdtrain.prune_(model, **knob, example_inputs=run.example_input(), min_rank=cfg.min_rank)
+    report = svdtrain.prune_(model, **knob, example_inputs=example, min_rank=cfg.min_rank)
     run.echo(str(report))
     write_atomic(run.stage_dir("prune") / "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     result = {"form": "svd", "accuracy": run.accuracy(model), "energy": report.energy,
@@ -186,12 +212,16 @@ def stage_prune(run: Run) -> dict:
 
 
 def stage_finetune(run: Run) -> dict:
-    """Fine-tune the pruned model with orthogonality only."""
+    """Fine-tune the pruned model: svd with orthogonality only; baselines without regularizers. Methods that
+    have no sparsify phase (truncated_svd, filter_pruning) fine-tune for sparsify_epochs + finetune_epochs,
+    so every method gets the same number of epochs after the dense model."""
     cfg = run.cfg
     model = run.model_after("prune")
+    epochs = cfg.finetune_epochs + (cfg.sparsify_epochs if cfg.method in ("truncated_svd", "filter_pruning") else 0)
     started = time.perf_counter()
-    accuracy = run.fit(model, "finetune", cfg.finetune_epochs, cfg.finetune_lr, cfg.lambda_o, 0.0)
-    result = {"form": "svd", "accuracy": accuracy, "seconds": time.perf_counter() - started}
+    accuracy = run.fit(model, "finetune", epochs, cfg.finetune_lr, cfg.lambda_o if cfg.method == "svd" else 0.0, 0.0)
+    result = {"form": "svd" if svd_layers(model) else "dense", "accuracy": accuracy,
+              "seconds": time.perf_counter() - started}
     run.finish("finetune", result, model)
     return result
 
@@ -205,7 +235,9 @@ def stage_export(run: Run) -> dict:
     layers = [{"name": name, "rank": layer.rank, "full_rank": layer.full_rank,
                "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense"}
               for name, layer in svd_layers(model)]
-    write_atomic(folder / "ranks.json", json.dumps({"model": run.cfg.model, "layers": layers}, indent=2) + "\n")
+    kind = "svd" if layers else "dense"
+    write_atomic(folder / "ranks.json", json.dumps({"model": run.cfg.model, "kind": kind, "layers": layers},
+                                                   indent=2) + "\n")
     save_atomic(small.state_dict(), folder / "model.pt")
     onnx = _export_onnx(small, example, folder / "model.onnx") if run.cfg.onnx else "disabled (onnx=false)"
     result = {"form": "exported", "accuracy": run.accuracy(small), "flops": svdtrain.count_flops(small, example),
@@ -242,12 +274,17 @@ def load_exported(run_folder: Path) -> nn.Module:
     """The exported plain model of a run, rebuilt from config.json, ranks.json and model.pt (no code unpickled)."""
     run = Run.open(run_folder)
     ranks = json.loads((run.stage_dir("export") / "ranks.json").read_text())
-    model = run.decompose(run.dense_model())
-    for row in ranks["layers"]:
-        model.get_submodule(row["name"]).truncate_(row["rank"])
-    small = svdtrain.export(model, run.example_input())
-    small.load_state_dict(load_weights(run.stage_dir("export") / "model.pt"))
-    return small.eval()
+    state = load_weights(run.stage_dir("export") / "model.pt")
+    model = run.dense_model()
+    if ranks["kind"] == "svd":
+        run.decompose(model)
+        for row in ranks["layers"]:
+            model.get_submodule(row["name"]).truncate_(row["rank"])
+        model = svdtrain.export(model, run.example_input())
+    else:
+        resize_to_state_(model, state)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def stage_report(run: Run) -> dict:

@@ -160,6 +160,37 @@ def _plots(run, report: dict) -> dict | str:
     folder = run.folder
     paths = {}
 
+    if (run.stage_dir("sparsify") / "spectra_after.json").is_file():
+        paths["spectra"] = _spectra_plot(run, report, plt)
+    if report["layers"]:
+        fig, ax = plt.subplots(figsize=(7, 0.22 * len(report["layers"]) + 1))
+        labels = [row["name"] for row in report["layers"]]
+        ax.barh(labels, [row["full_rank"] for row in report["layers"]], color="0.8", label="full rank")
+        ax.barh(labels, [row["rank"] for row in report["layers"]], color="C0", label="kept")
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=7)
+        ax.set_title("rank per layer", fontsize=8)
+        fig.tight_layout()
+        paths["ranks"] = _save(fig, folder / "ranks.png", plt)
+
+    history = _history(run)
+    if history:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+        for i, stage in enumerate(dict.fromkeys(r["stage"] for r in history)):
+            xs = [j + 1 for j, r in enumerate(history) if r["stage"] == stage]
+            ys = [r for r in history if r["stage"] == stage]
+            left.plot(xs, [r["test_accuracy"] for r in ys], "o-", color=f"C{i}", label=stage, ms=3)
+            right.plot(xs, [r["task_loss"] for r in ys], "o-", color=f"C{i}", label=stage, ms=3)
+        left.set(xlabel="epoch", ylabel="test accuracy (%)")
+        right.set(xlabel="epoch", ylabel="training loss (task)")
+        left.legend(fontsize=7)
+        fig.tight_layout()
+        paths["curves"] = _save(fig, folder / "curves.png", plt)
+    return paths
+
+
+def _spectra_plot(run, report: dict, plt) -> str:
     before = json.loads((run.stage_dir("sparsify") / "spectra_before.json").read_text())
     after = json.loads((run.stage_dir("sparsify") / "spectra_after.json").read_text())
     kept = {row["name"]: row["rank"] for row in report["layers"]}
@@ -179,33 +210,7 @@ def _plots(run, report: dict) -> dict | str:
     axes.flat[0].legend(fontsize=5)
     fig.suptitle("singular values |s|/max before and after sparsify (dashed: rank kept)", fontsize=8)
     fig.tight_layout()
-    paths["spectra"] = _save(fig, folder / "spectra.png", plt)
-
-    fig, ax = plt.subplots(figsize=(7, 0.22 * len(report["layers"]) + 1))
-    labels = [row["name"] for row in report["layers"]]
-    ax.barh(labels, [row["full_rank"] for row in report["layers"]], color="0.8", label="full rank")
-    ax.barh(labels, [row["rank"] for row in report["layers"]], color="C0", label="kept")
-    ax.invert_yaxis()
-    ax.tick_params(labelsize=6)
-    ax.legend(fontsize=7)
-    ax.set_title("rank per layer", fontsize=8)
-    fig.tight_layout()
-    paths["ranks"] = _save(fig, folder / "ranks.png", plt)
-
-    history = _history(run)
-    if history:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
-        for i, stage in enumerate(dict.fromkeys(r["stage"] for r in history)):
-            xs = [j + 1 for j, r in enumerate(history) if r["stage"] == stage]
-            ys = [r for r in history if r["stage"] == stage]
-            left.plot(xs, [r["test_accuracy"] for r in ys], "o-", color=f"C{i}", label=stage, ms=3)
-            right.plot(xs, [r["task_loss"] for r in ys], "o-", color=f"C{i}", label=stage, ms=3)
-        left.set(xlabel="epoch", ylabel="test accuracy (%)")
-        right.set(xlabel="epoch", ylabel="training loss (task)")
-        left.legend(fontsize=7)
-        fig.tight_layout()
-        paths["curves"] = _save(fig, folder / "curves.png", plt)
-    return paths
+    return _save(fig, run.folder / "spectra.png", plt)
 
 
 def _save(fig, path: Path, plt) -> str:

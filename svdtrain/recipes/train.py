@@ -24,6 +24,7 @@ import svdtrain
 from svdtrain.layers import svd_layers
 from svdtrain.prune import rank_for_energy, tail_energy
 
+from .baselines import nuclear_norm, trp_layers, trp_truncate_
 from .config import RunConfig
 from .data import Dataset, Split
 
@@ -73,6 +74,9 @@ class StageSettings:
     lr: float
     lambda_o: float  # orthogonality weight (0 for a dense model)
     lambda_s: float  # sparsity weight
+    nuclear: float = 0.0  # TRP: nuclear-norm weight on the dense layers
+    truncate_every: int = 0  # TRP: replace the dense weights by their truncated SVD every this many steps
+    truncate_energy: float = 0.0  # TRP: energy rule used for that truncation
 
 
 def lr_factor(cfg: RunConfig, epoch: int, epochs: int) -> float:
@@ -159,6 +163,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         opt.load_state_dict(saved["optimizer"])
     writer = _tensorboard(folder, start + 1)
     svd = bool(svd_layers(model))
+    dense_targets = trp_layers(model, svdtrain.SVDConfig(exclude_modules=cfg.exclude_modules)) \
+        if stage.nuclear or stage.truncate_every else []
     train = data.train.subset(cfg.train_subset)
     steps = math.ceil(len(train) / cfg.batch_size)
     steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
@@ -168,7 +174,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             group["lr"] = lr
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + STAGE_SEEDS[stage.name] * 10_007 + epoch)
         model.train()
-        sums = {"loss": 0.0, "task_loss": 0.0, "orthogonality": 0.0, "sparsity": 0.0}
+        sums = {"loss": 0.0, "task_loss": 0.0, "orthogonality": 0.0, "sparsity": 0.0, "nuclear": 0.0}
         correct = seen = 0
         started = time.perf_counter()
         batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches)
@@ -178,7 +184,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             task = F.cross_entropy(out, y)
             ortho = _regularizer(svd, stage.lambda_o, svdtrain.orthogonality_loss, model)
             sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
-            loss = task + stage.lambda_o * ortho + stage.lambda_s * sparse
+            nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
+            loss = task + stage.lambda_o * ortho + stage.lambda_s * sparse + stage.nuclear * nuclear
             if not torch.isfinite(loss):
                 last = _checkpoints(folder)[-1] if _checkpoints(folder) else None
                 raise TrainingError(f"non-finite loss ({loss.item()}) in stage {stage.name}, epoch {epoch + 1}, "
@@ -186,7 +193,10 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            for key, value in (("loss", loss), ("task_loss", task), ("orthogonality", ortho), ("sparsity", sparse)):
+            if stage.truncate_every and (step + 1) % stage.truncate_every == 0:
+                trp_truncate_(dense_targets, stage.truncate_energy)
+            for key, value in (("loss", loss), ("task_loss", task), ("orthogonality", ortho), ("sparsity", sparse),
+                               ("nuclear", nuclear)):
                 sums[key] += value.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
