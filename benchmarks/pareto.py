@@ -34,7 +34,7 @@ import torch
 import svdtrain
 from svdtrain.recipes.config import RunConfig
 from svdtrain.recipes.pipeline import Run, load_exported, run_stage
-from svdtrain.recipes.report import conv_flops, measure_latency
+from svdtrain.recipes.report import conv_flops, measure_latency, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def sweep(args) -> dict:
             run_stage(point, "finetune")
             exported = run_stage(point, "export")
             wall = time.perf_counter() - t0
-            record = {"method": name, "knob": "prune_flops", "knob_value": target, **settings,
+            record = {"method": name, "knob": "prune_flops", "knob_value": target, "settings": settings,
                       "accuracy": exported["accuracy"], "accuracy_after_prune": pruned["accuracy"],
                       "accuracy_after_compress": compress_accuracy, **_measure(point, args),
                       "seed": 0, "epochs": budget, "wall_s": wall, "shared_wall_s": shared_wall,
@@ -182,12 +182,17 @@ def bars(result: dict) -> dict:
     for reduction in (2, 3, 4, 5):
         row = {m: interpolate(pts, reduction) for m, pts in by_method.items()}
         matched[f"{reduction}x"] = row
-    verdict = {b: all(row.get("svd") is None or row.get(b) is None or row["svd"] >= row[b] for row in matched.values())
-               for b in BASELINES if b in by_method}
+    def at_least(method: str, baseline: str) -> bool:
+        return all(row.get(method) is None or row.get(baseline) is None or row[method] >= row[baseline]
+                   for row in matched.values())
+
+    variants = [m for m in by_method if m not in BASELINES]
+    verdict = {b: at_least("svd", b) for b in BASELINES if b in by_method}
+    every_variant = {v: {b: at_least(v, b) for b in BASELINES if b in by_method} for v in variants}
     return {"svd_3x_within_half_point": bool(best),
             "svd_best_at_3x": max(best, key=lambda p: p["conv_flops_reduction"]) if best else None,
             "svd_at_3x": interpolate(svd, 3) if svd else None,
-            "matched": matched, "svd_at_least_each_baseline": verdict}
+            "matched": matched, "svd_at_least_each_baseline": verdict, "variant_at_least_baseline": every_variant}
 
 
 def plot(result: dict, path: Path):
@@ -268,20 +273,15 @@ def markdown(result: dict, png: str) -> str:
         "- SVD training ≥ each baseline at matched FLOPs (2×–5×): "
         + ", ".join(f"{m}: {'yes' if ok else '**no**'}" for m, ok in b["svd_at_least_each_baseline"].items()),
         "",
+        "Every SVD-training variant against each baseline (≥ at every matched reduction both curves reach):",
+        "",
+        "| variant | " + " | ".join(BASELINES) + " |",
+        "|---|" + ":---:|" * len(BASELINES),
+        *[f"| {v} | " + " | ".join("yes" if row.get(x) else "no" for x in BASELINES) + " |"
+          for v, row in b["variant_at_least_baseline"].items()],
+        "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, name: str, text: str):
-    """Replace the `name` section of a Markdown file (between markers), adding it if missing."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    old = path.read_text() if path.exists() else "# Results\n\nMeasured figures, each written by the command named in its section.\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
 
 
 def main(argv=None):
@@ -301,8 +301,10 @@ def main(argv=None):
     parser.add_argument("--work", default=str(ROOT / "runs" / "pareto"), help="run folders (not committed)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--results", default=str(ROOT / "RESULTS.md"), help="Markdown file that gets the section")
+    parser.add_argument("--report-only", metavar="PARETO_JSON",
+                        help="no sweep: recompute the bars, plot and section from an earlier pareto.json")
     args = parser.parse_args(argv)
-    args.command = "python benchmarks/pareto.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.command = " ".join(["python benchmarks/pareto.py", *(argv if argv is not None else sys.argv[1:])])
     args.targets = [float(t) for t in args.targets.split(",")]
     args.methods = args.methods.split(",")
     unknown = [m for m in args.methods if m not in METHODS]
@@ -310,7 +312,7 @@ def main(argv=None):
         parser.error(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
 
-    result = sweep(args)
+    result = json.loads(Path(args.report_only).read_text()) if args.report_only else sweep(args)
     result["bars"] = bars(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

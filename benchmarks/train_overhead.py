@@ -6,7 +6,7 @@ both alike; the figure is the median over rounds of (SVD time / dense time).
 
     python benchmarks/train_overhead.py [--rounds 15] [--steps 3] [--threads 2]
 
-Writes benchmarks/results/train_overhead.json.
+Writes benchmarks/results/train_overhead.json and its section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 import svdtrain
 from svdtrain.recipes.models import resnet20
+from svdtrain.recipes.report import write_section
 
 
 def make_step(model, regularized: bool):
@@ -54,6 +56,8 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_overhead.json")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parents[1] / "RESULTS.md",
+                        help="Markdown file that gets the section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -97,6 +101,20 @@ def main():
           f"(IQR {q[0]:.3f}–{q[2]:.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.rounds} rounds")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_section(args.results, "train_overhead", "\n".join([
+        "## Training-step overhead of the SVD form (`benchmarks/train_overhead.py`)",
+        "",
+        f"Command: `python benchmarks/train_overhead.py {' '.join(sys.argv[1:])}`".rstrip() + f" — {result['machine']}, "
+        f"{args.threads} threads, torch {torch.__version__}.",
+        "",
+        f"ResNet-20, batch {args.batch}×3×32×32, SGD; the SVD model ({len(report.replaced)} layers decomposed, full "
+        "rank) has the orthogonality (λ_o = 1) and Hoyer (λ_s = 1e-3) regularizers in its loss. Dense and SVD steps "
+        f"alternate in one process, {args.rounds} rounds of {args.steps} steps each.",
+        "",
+        f"SVD-form step / dense step: median **{result['ratio_median']:.3f}** (IQR {q[0]:.3f}–{q[2]:.3f}, min "
+        f"{min(ratios):.3f}, max {max(ratios):.3f}); dense step median {result['dense_step_ms_median']:.0f} ms, "
+        f"SVD step {result['svd_step_ms_median']:.0f} ms.",
+        ""]))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,19 @@ def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, repeats
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def write_section(path: Path, name: str, text: str):
+    """Replace the `name` section of a Markdown file (between HTML-comment markers), adding it if missing."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.exists() else \
+        "# Results\n\nMeasured figures; each section is written by the command it names.\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    write_atomic(path, new)
+
+
 def _history(run) -> list[dict]:
     rows = []
     for stage in ("train", "sparsify", "finetune"):
