@@ -5,7 +5,7 @@ decompose_ → train with orthogonality_loss + sparsity_loss → prune_ → fine
 
 from .config import SVDConfig
 from .decompose import decompose_
-from .export import export
+from .export import export, export_layout, rebuild
 from .layers import SVDConv, SVDLinear
 from .prune import prune_
 from .regularizers import orthogonality_loss, sparsity_loss
@@ -21,8 +21,10 @@ __all__ = [
     "count_params",
     "decompose_",
     "export",
+    "export_layout",
     "orthogonality_loss",
     "prune_",
+    "rebuild",
     "sparsity_loss",
     "summary",
 ]

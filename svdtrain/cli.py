@@ -3,6 +3,7 @@
     svdtrain run [CONFIG] [key=value ...]          all stages in a new run folder (default: the quick recipe)
     svdtrain run --resume RUN_DIR [key=value ...]  continue an interrupted run
     svdtrain STAGE RUN_DIR [key=value ...]         one stage (train sparsify prune finetune export report)
+    svdtrain bench latency|overhead [options]      the benchmarks; results into RESULTS.md
 
 The last line printed is the run folder.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .recipes.config import ConfigError, load_config, parse_overrides
 from .recipes.data import DataError
@@ -31,13 +33,48 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir", metavar="RUN_DIR")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.add_argument("--resume", action="store_true", help="continue the stage from its last checkpoint")
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    lat = bench.add_parser("latency", help="measured speed-up of exported models over dense")
+    lat.add_argument("--models", default="resnet20,resnet50,lenet300")
+    lat.add_argument("--levels", default="0.6,0.45,0.35", help="FLOPs levels (fractions of dense)")
+    lat.add_argument("--batches", default="1,32")
+    lat.add_argument("--backends", default="eager,eager_prepared,onnxruntime")
+    lat.add_argument("--rank-multiple", type=int, help="round ranks to this (default: 8, or 16 for resnet50)")
+    lat.add_argument("--budget-s", type=float, default=3.0, help="seconds of timing per point")
+    over = bench.add_parser("overhead", help="training-step cost of the SVD form vs dense (ResNet-20)")
+    over.add_argument("--rounds", type=int, default=15)
+    over.add_argument("--steps", type=int, default=3)
+    over.add_argument("--batch", type=int, default=128)
+    for p in (lat, over):
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/<name>.json)")
+        p.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="Markdown file that gets the section")
     return parser
 
 
+def _bench(args, argv) -> None:
+    from .recipes import bench
+
+    command = " ".join(["svdtrain", *argv])
+    kwargs = {"threads": args.threads, "results": args.results, "command": command}
+    if args.out:
+        kwargs["out"] = args.out
+    if args.bench == "overhead":
+        bench.overhead(args.rounds, args.steps, args.batch, **kwargs)
+    else:
+        bench.latency(args.models.split(","), [float(v) for v in args.levels.split(",")],
+                      [int(v) for v in args.batches.split(",")], args.backends.split(","),
+                      rank_multiple=args.rank_multiple, budget_s=args.budget_s, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     run = None
     try:
+        if args.command == "bench":
+            _bench(args, argv)
+            return 0
         if args.command == "run":
             config = [a for a in args.args if "=" not in a]
             overrides = [a for a in args.args if "=" in a]

@@ -1,47 +1,121 @@
-"""export: a new model of plain torch.nn layers, loadable without svdtrain."""
+"""export: a new model of plain torch.nn layers, loadable without svdtrain; its layout, to rebuild it."""
 
 from __future__ import annotations
 
 import copy
+import statistics
 
+import torch
 from torch import nn
 
 from .decompose import swap_modules
-from .layers import SVD_LAYERS, SVDLinear
+from .latency import check_backend, runner, time_forms, timings_for
+from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
 from .stats import trace_svd_layers
 
+STRATEGIES = ("flops", "latency")
 
-def export(model: nn.Module, example_inputs) -> nn.Module:
+
+def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", backend: str = "eager") -> dict:
+    """The form `export` gives each SVD layer: {name: {"form": "dense" | "thin", "rank", "decomposition", "why"}}.
+
+    strategy "flops": the form with fewer FLOPs at example_inputs (by parameters
+    when None). "latency": the form measured faster at the layer's input shape on
+    `backend` (timings are cached per layer shape, rank, input shape and backend).
+    A layer whose `.weight` a parent reads outside the layer's forward is always
+    dense, so the parent still finds its weight.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if strategy == "latency":
+        if not isinstance(example_inputs, torch.Tensor):
+            raise ValueError("export(strategy='latency') needs example_inputs: one input tensor at the deployment "
+                             "shape")
+        check_backend(backend)
+    trace = trace_svd_layers(model, example_inputs) if example_inputs is not None else None
+    layout = {}
+    for name, layer in svd_layers(model):
+        shapes = trace.input_shapes[name] if trace else []
+        entry = {"rank": layer.rank, "decomposition": getattr(layer, "decomposition", "channel")}
+        if trace and name in trace.weight_read:
+            if isinstance(layer, SVDLinear) and layer.transposed_weight:
+                raise ValueError(f"{name}: a parent reads the weight of this GPT-2 Conv1D layer directly; export "
+                                 "would have to rebuild a Conv1D, which needs transformers: exclude it from decompose_")
+            entry.update(form="dense", why="weight read by its parent")
+        elif strategy == "latency" and shapes:
+            ms = time_forms({"dense": layer.to_dense(), "thin": layer.to_thin_pair()}, shapes[0], backend)
+            entry.update(form=min(ms, key=ms.get), why=f"{backend}: dense {ms['dense']:.3f} ms, thin "
+                                                       f"{ms['thin']:.3f} ms")
+        else:
+            entry.update(form="thin" if layer.exported_thin(shapes) else "dense",
+                         why="fewer FLOPs" if shapes else "fewer parameters (never ran)")
+        layout[name] = entry
+    return layout
+
+
+def _apply(model: nn.Module, make) -> nn.Module:
+    """A copy of `model` in which every SVD layer `layer` named `name` becomes `make(name, layer)`."""
+    return swap_modules(copy.deepcopy(model), lambda m, fqn: make(fqn, m) if isinstance(m, SVD_LAYERS) else None)
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every SVD layer as one plain dense layer (the same function, the original shapes)."""
+    return _apply(model, lambda name, layer: layer.to_dense())
+
+
+def export(model: nn.Module, example_inputs, strategy: str = "flops", backend: str = "eager") -> nn.Module:
     """A new model in which every SVD layer is a plain dense layer or a pair of thin plain layers.
 
-    Per layer the form with fewer FLOPs at `example_inputs` is kept (channel-wise:
-    k×k conv to r channels then 1×1 conv; spatial-wise: kh×1 then 1×kw conv;
-    Linear: two Linears); s is folded into the first factor. A layer whose
-    `.weight` is read by a parent outside the layer's own forward stays one dense
-    layer, so the parent still finds its weight. `model` is not changed.
+    The thin pair is: channel-wise, a k×k conv to r channels then a 1×1 conv;
+    spatial-wise, a kh×1 then a 1×kw conv; Linear, two Linears; s is folded into
+    the first factor. Which layer gets which form: see `export_layout`. With
+    strategy "latency" the whole exported model is then timed against the
+    all-dense model on `backend`, and unless it is at least 3 % faster the
+    all-dense model is returned: the export is never slower than dense. `model` is
+    not changed.
 
     Args:
         model: a model holding SVD layers (others are copied as they are).
         example_inputs: inputs at the deployment shape (tensor, tuple or dict), or
             None to choose by parameter count.
+        strategy: "flops" (default) or "latency".
+        backend: "eager", "onnxruntime" or "cuda" for strategy "latency".
 
     Example:
         >>> small = export(model, torch.randn(1, 3, 32, 32))
+        >>> fast = export(model, torch.randn(8, 3, 224, 224), strategy="latency", backend="onnxruntime")
         >>> torch.save(small.state_dict(), "small.pt")
     """
-    trace = trace_svd_layers(model, example_inputs) if example_inputs is not None else None
-    new = copy.deepcopy(model)
+    layout = export_layout(model, example_inputs, strategy, backend)
+    small = _apply(model, lambda name, layer: layer.to_thin_pair() if layout[name]["form"] == "thin"
+                   else layer.to_dense())
+    if strategy == "latency" and any(entry["form"] == "thin" for entry in layout.values()):
+        dense = dense_copy(model)
+        ms = timings_for({"dense": runner(dense, example_inputs, backend),
+                          "small": runner(small, example_inputs, backend)}, budget_s=2.0)
+        # Keep the thin pairs only when clearly faster: per-layer timings can promise a gain that the
+        # whole model, within the noise of a shared machine, does not deliver.
+        if statistics.median(ms["small"]) > 0.97 * statistics.median(ms["dense"]):
+            return dense
+    return small
 
-    def replace(module: nn.Module, fqn: str) -> nn.Module | None:
-        if not isinstance(module, SVD_LAYERS):
-            return None
-        if trace is None:
-            return module.to_plain()
-        if fqn in trace.weight_read:
-            if isinstance(module, SVDLinear) and module.transposed_weight:
-                raise ValueError(f"{fqn}: a parent reads the weight of this GPT-2 Conv1D layer directly; export "
-                                 "would have to rebuild a Conv1D, which needs transformers: exclude it from decompose_")
-            return module.to_dense()
-        return module.to_plain(trace.input_shapes.get(fqn))
 
-    return swap_modules(new, replace)
+def rebuild(model: nn.Module, layout: dict) -> nn.Module:
+    """Turn a freshly built dense model into the architecture `export` produced, in place, from its layout.
+
+    The weights are placeholders: load the exported state_dict next, e.g.
+    `rebuild(build_my_model(), json.load(f)).load_state_dict(torch.load(path, weights_only=True))`.
+    No code is unpickled: the layout is JSON, the weights a state_dict.
+    """
+    for name, entry in layout.items():
+        if entry["form"] != "thin":
+            continue
+        dense = model.get_submodule(name)
+        if isinstance(dense, nn.Linear) or is_gpt2_conv1d(dense):
+            thin = SVDLinear.from_dense(dense, init="random", rank=entry["rank"]).to_thin_pair()
+        else:
+            thin = SVDConv.from_dense(dense, decomposition=entry["decomposition"], init="random",
+                                      rank=entry["rank"]).to_thin_pair()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, thin)
+    return model

@@ -204,10 +204,6 @@ class _Factorized(nn.Module):
         bias = 0 if self.bias is None else self.bias.numel()
         return self.groups * (rank * (self._a + self._b) if thin else self._a * self._b) + bias
 
-    def to_plain(self, input_shapes=None) -> nn.Module:
-        """The plain form `export` uses: `to_thin_pair()` or `to_dense()` (see `exported_thin`)."""
-        return self.to_thin_pair() if self.exported_thin(input_shapes) else self.to_dense()
-
 
 class SVDLinear(_Factorized):
     """A Linear layer trained as W = U · diag(s) · Vᵀ.

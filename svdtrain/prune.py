@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .latency import check_backend
 from .layers import svd_layers
 from .stats import _flops, count_params, format_table, trace_svd_layers
 
@@ -36,14 +38,15 @@ def rank_for_energy(tail: torch.Tensor, energy: float, min_rank: int = 1) -> int
 
 @dataclass
 class PruneReport:
-    """Per-layer ranks and the model's exported FLOPs / parameters before and after `prune_`.
+    """Per-layer ranks and the model's exported FLOPs / parameters (/ latency) before and after `prune_`.
 
     FLOPs and parameters are those of `export(model, example_inputs)`; `dense_*`
     are the model with every SVD layer dense (the model before decomposition).
-    FLOPs are None when no example inputs were given.
+    FLOPs are None without example inputs; latencies (milliseconds, predicted from
+    per-layer timings on `backend`) only for a latency budget.
     """
 
-    energy: float  # the energy knob applied to every layer
+    energy: float | None  # the energy knob applied to every layer (None: ranks chosen per layer for latency)
     layers: list[dict] = field(default_factory=list)  # name, rank_before, rank_after, full_rank, energy_kept
     dense_flops: int | None = None
     flops_before: int | None = None
@@ -51,18 +54,27 @@ class PruneReport:
     dense_params: int = 0
     params_before: int = 0
     params_after: int = 0
+    backend: str | None = None
+    dense_latency_ms: float | None = None
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     def __str__(self) -> str:
         table = format_table(self.layers, ["name", "rank_before", "rank_after", "full_rank", "energy_kept"])
-        lines = [f"energy {self.energy:.3g}", table]
+        lines = [f"energy {self.energy:.3g}" if self.energy is not None else "ranks chosen per layer for latency",
+                 table]
         if self.flops_after is not None:
             lines.append(f"FLOPs  {self.flops_before:,} -> {self.flops_after:,}  "
                          f"({self.flops_after / self.dense_flops:.3f} of dense {self.dense_flops:,})")
         lines.append(f"params {self.params_before:,} -> {self.params_after:,}  "
                      f"({self.params_after / self.dense_params:.3f} of dense {self.dense_params:,})")
+        if self.latency_after_ms is not None:
+            lines.append(f"latency ({self.backend}, predicted) {self.latency_before_ms:.3f} -> "
+                         f"{self.latency_after_ms:.3f} ms  ({self.latency_after_ms / self.dense_latency_ms:.3f} of "
+                         f"dense {self.dense_latency_ms:.3f} ms)")
         return "\n".join(lines)
 
 
@@ -72,20 +84,113 @@ def _fraction(name: str, value) -> float:
     return float(value)
 
 
-class _ExportCost:
-    """FLOPs and parameters of the exported model as a function of the SVD layers' ranks."""
+def rank_grid(rank: int, multiple: int) -> list[int]:
+    """The ranks at which a layer's thin pair is timed: multiples of `multiple`, denser at low rank, plus `rank`."""
+    fractions = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)
+    return sorted({min(rank, max(multiple, multiple * math.ceil(rank * f / multiple))) for f in fractions})
 
-    def __init__(self, model: nn.Module, example_inputs):
+
+class _LatencyTables:
+    """Predicted latency of the exported model: measured dense and thin-pair times per layer (thin at a grid of
+    ranks, interpolated), plus the rest of the model (whole dense model minus its decomposed layers)."""
+
+    def __init__(self, model: nn.Module, example_inputs, shapes: dict, backend: str, multiple: int):
+        from .export import dense_copy
+        from .latency import median_ms, runner, time_forms
+
+        self.tables = []  # per layer: (dense ms, [(rank, thin ms), ...]); empty for a layer that never runs
+        dense_sum = 0.0
+        for name, layer in svd_layers(model):
+            if not shapes[name]:
+                self.tables.append((0.0, [(layer.rank, 0.0)]))
+                continue
+            forms = {"dense": layer.to_dense()}
+            for r in rank_grid(layer.rank, multiple):
+                forms[r] = _truncated(layer, r).to_thin_pair()
+            ms = time_forms(forms, shapes[name][0], backend)
+            self.tables.append((ms.pop("dense"), sorted(ms.items())))
+            dense_sum += self.tables[-1][0]
+        dense = dense_copy(model)
+        x = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+        self.whole_dense = median_ms({"dense": runner(dense, x, backend)})["dense"]
+        self.rest = max(0.0, self.whole_dense - dense_sum)
+
+    def __call__(self, ranks: list[int] | None) -> float:
+        total = self.rest
+        for i, (dense, thin) in enumerate(self.tables):
+            total += dense if ranks is None else min(dense, _interpolate(thin, ranks[i]))
+        return total
+
+
+def _truncated(layer, rank: int):
+    out = copy.deepcopy(layer)
+    out.truncate_(rank)
+    return out
+
+
+def _interpolate(points: list[tuple[int, float]], rank: int) -> float:
+    """Linear interpolation of (rank, ms) points; below the first point its time (a thinner pair is no faster)."""
+    if rank <= points[0][0]:
+        return points[0][1]
+    for (r0, t0), (r1, t1) in zip(points, points[1:]):
+        if rank <= r1:
+            return t0 + (t1 - t0) * (rank - r0) / (r1 - r0)
+    return points[-1][1]
+
+
+def _greedy_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], current: list[int], budget_ms: float,
+                        multiple: int, min_rank: int) -> list[int]:
+    """Ranks that meet `budget_ms` (predicted), removing the least energy per millisecond saved.
+
+    Repeatedly moves the one layer, to the one lower rank (a multiple of `multiple`),
+    with the most predicted time saved per fraction of that layer's energy removed;
+    a move may jump several steps, so a layer whose thin pair only beats the dense
+    layer below some rank can get there.
+    """
+    ranks = list(current)
+    removed = [t.max(dim=0).values if t.dim() > 1 else t for t in tails]  # per layer: energy removed at rank k
+    floor = [max(1, min(min_rank, r)) for r in current]
+
+    def layer_ms(i: int, rank: int) -> float:
+        dense, thin = tables.tables[i]
+        return min(dense, _interpolate(thin, rank))
+
+    while tables(ranks) > budget_ms:
+        best = None
+        for i, rank in enumerate(ranks):
+            now = layer_ms(i, rank)
+            for lower in range(multiple * ((rank - 1) // multiple), floor[i] - 1, -multiple):
+                lower = max(lower, floor[i])
+                saved, lost = now - layer_ms(i, lower), float(removed[i][lower] - removed[i][rank])
+                if saved > 0:
+                    score = saved / max(lost, 1e-12)
+                    if best is None or score > best[0]:
+                        best = (score, i, lower)
+                if lower == floor[i]:
+                    break
+        if best is None:
+            raise ValueError(f"latency budget of {budget_ms:.3f} ms is impossible: no smaller rank is predicted "
+                             f"to be faster; allowed: a larger latency fraction")
+        ranks[best[1]] = best[2]
+    return ranks
+
+
+class _ExportCost:
+    """FLOPs, parameters and (optionally) latency of the exported model as a function of the SVD layers' ranks."""
+
+    def __init__(self, model: nn.Module, example_inputs, backend: str | None = None, multiple: int = 1):
         self.layers = svd_layers(model)
         self.rest_params = count_params(model) - sum(count_params(layer) for _, layer in self.layers)
-        self.shapes, self.rest_flops = {name: [] for name, _ in self.layers}, None
+        self.shapes, self.rest_flops, self.latency = {name: [] for name, _ in self.layers}, None, None
         if example_inputs is not None:
             self.shapes = trace_svd_layers(model, example_inputs).input_shapes
             total, per_module = _flops(model, example_inputs)
             self.rest_flops = total - sum(per_module.get(name, 0) for name, _ in self.layers)
+        if backend is not None:
+            self.latency = _LatencyTables(model, example_inputs, self.shapes, backend, multiple)
 
-    def __call__(self, ranks: list[int] | None = None) -> tuple[int | None, int]:
-        """(FLOPs, params) of the export at `ranks` (None = every layer dense)."""
+    def __call__(self, ranks: list[int] | None = None) -> dict:
+        """{"flops", "params", "latency"} of the export at `ranks` (None = every layer dense)."""
         flops, params = self.rest_flops, self.rest_params
         for i, (name, layer) in enumerate(self.layers):
             thin = ranks is not None and layer.exported_thin(self.shapes[name], ranks[i])
@@ -93,11 +198,12 @@ class _ExportCost:
             if flops is not None:
                 costs = [layer.cost(shape) for shape in self.shapes[name]]
                 flops += 2 * sum(c.thin(ranks[i]) if thin else c.dense for c in costs)
-        return flops, params
+        return {"flops": flops, "params": params, "latency": self.latency(ranks) if self.latency else None}
 
 
 def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None = None, params: float | None = None,
-           example_inputs=None, min_rank: int = 1) -> PruneReport:
+           latency: float | None = None, example_inputs=None, backend: str = "eager", min_rank: int = 1,
+           rank_multiple: int | None = None) -> PruneReport:
     """Remove small singular values of every SVD layer, physically shrinking U, s, V. In place.
 
     Give exactly one of:
@@ -106,66 +212,86 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
         flops: the exported model may have at most this fraction of the dense
             model's FLOPs (needs example_inputs); one energy for all layers is searched for.
         params: the same for the parameter count.
+        latency: the same for latency on `backend` at example_inputs (needs them),
+            predicted from per-layer timings of the dense layer and of thin pairs
+            at a grid of ranks (see svdtrain.latency), for `export(..., strategy="latency")`.
 
     Args:
-        example_inputs: inputs for counting FLOPs (optional for energy / params).
+        example_inputs: inputs at the deployment shape (optional for energy / params).
+        backend: "eager", "onnxruntime" or "cuda", for a latency budget.
         min_rank: no layer goes below this rank.
+        rank_multiple: ranks are rounded up to a multiple of this (capped at the
+            current rank), sizes the backend runs well; default 8 for a latency
+            budget, else 1.
 
     Rebuild the optimizer afterwards: the parameters are new.
 
     Example:
         >>> print(prune_(model, energy=1e-3))
         >>> prune_(model, flops=0.3, example_inputs=torch.randn(1, 3, 32, 32))
+        >>> prune_(model, latency=0.5, example_inputs=torch.randn(8, 3, 224, 224), backend="onnxruntime")
     """
-    given = {k: v for k, v in (("energy", energy), ("flops", flops), ("params", params)) if v is not None}
+    given = {k: v for k, v in (("energy", energy), ("flops", flops), ("params", params), ("latency", latency))
+             if v is not None}
     if len(given) != 1:
-        raise ValueError(f"prune_ needs exactly one of energy=, flops=, params=; got {sorted(given) or 'none'}")
+        raise ValueError(f"prune_ needs exactly one of energy=, flops=, params=, latency=; got {sorted(given) or 'none'}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank={min_rank!r}; allowed: an int ≥ 1")
+    multiple = rank_multiple if rank_multiple is not None else (8 if latency is not None else 1)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"rank_multiple={rank_multiple!r}; allowed: an int ≥ 1")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
                                or math.isnan(energy) or not 0 <= energy < 1):
         raise ValueError(f"energy={energy!r}; allowed: 0 ≤ energy < 1, the fraction of each layer's Σ s² "
                          "that may be removed (reference values 1e-6 … 0.3)")
-    if flops is not None and example_inputs is None:
-        raise ValueError("prune_(flops=...) needs example_inputs to count FLOPs")
     knob = next(iter(given))
+    if knob in ("flops", "latency") and example_inputs is None:
+        raise ValueError(f"prune_({knob}=...) needs example_inputs at the deployment shape")
     fraction = None if knob == "energy" else _fraction(knob, given[knob])
+    if knob == "latency":
+        check_backend(backend)
     layers = svd_layers(model)
     if not layers:
         raise ValueError("prune_: the model has no SVD layers; call svdtrain.decompose_(model, config) first")
 
-    cost = _ExportCost(model, example_inputs)
+    cost = _ExportCost(model, example_inputs, backend if knob == "latency" else None, multiple)
     tails = [tail_energy(layer.s) for _, layer in layers]
     current = [layer.rank for _, layer in layers]
 
     def ranks_at(e: float) -> list[int]:
-        return [rank_for_energy(t, e, min_rank) for t in tails]
+        return [min(r, multiple * math.ceil(rank_for_energy(t, e, min_rank) / multiple))
+                for t, r in zip(tails, current)]
 
-    dense_flops, dense_params = cost(None)
-    flops_before, params_before = cost(current)
-    if fraction is not None:
-        index, dense = (0, dense_flops) if knob == "flops" else (1, dense_params)
-        budget = fraction * dense
-        smallest = cost([min(r, min_rank) for r in current])[index] / dense
+    dense, before = cost(None), cost(current)
+    if knob == "latency":
+        new_ranks = _greedy_for_latency(cost.latency, tails, current, fraction * dense["latency"], multiple, min_rank)
+        energy = None
+    elif fraction is not None:
+        budget = fraction * dense[knob]
+        smallest = cost(ranks_at(math.nextafter(1.0, 0.0)))[knob] / dense[knob]
         if smallest > fraction:
-            raise ValueError(f"{knob}={fraction} is impossible: with every layer at min_rank={min_rank} the export "
-                             f"still has {smallest:.4f} of the dense model's {knob}; "
-                             f"allowed: {smallest:.4f} ≤ {knob} ≤ 1, or a lower min_rank")
+            raise ValueError(f"{knob}={fraction} is impossible: with every layer at min_rank={min_rank} "
+                             f"(rank_multiple={multiple}) the export still has {smallest:.4f} of the dense model's "
+                             f"{knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1, or a lower min_rank")
         # Cost only falls as the energy knob rises, and ranks only change where the knob
         # crosses some layer's tail energy: bisect over those values for the least pruning.
         values = torch.cat([t[..., 1:].flatten() for t in tails]).unique()
         candidates = [0.0] + values[(values > 0) & (values < 1)].tolist()
         first_fit = bisect.bisect_left(range(len(candidates)), True,
-                                       key=lambda i: cost(ranks_at(candidates[i]))[index] <= budget)
+                                       key=lambda i: cost(ranks_at(candidates[i]))[knob] <= budget)
         energy = candidates[first_fit] if first_fit < len(candidates) else math.nextafter(1.0, 0.0)
-
-    report = PruneReport(energy=energy, dense_flops=dense_flops, flops_before=flops_before,
-                         dense_params=dense_params, params_before=params_before)
-    new_ranks = ranks_at(energy)
+    if knob != "latency":
+        new_ranks = ranks_at(energy)
+    report = PruneReport(energy=energy, dense_flops=dense["flops"], flops_before=before["flops"],
+                         dense_params=dense["params"], params_before=before["params"])
     for (name, layer), rank in zip(layers, new_ranks):
-        before = layer.rank
-        kept = layer.truncate_(rank) if rank < before else 1.0
-        report.layers.append({"name": name, "rank_before": before, "rank_after": rank,
+        rank_before = layer.rank
+        kept = layer.truncate_(rank) if rank < rank_before else 1.0
+        report.layers.append({"name": name, "rank_before": rank_before, "rank_after": rank,
                               "full_rank": layer.full_rank, "energy_kept": kept})
-    report.flops_after, report.params_after = cost(new_ranks)
+    after = cost(new_ranks)
+    report.flops_after, report.params_after = after["flops"], after["params"]
+    if cost.latency is not None:
+        report.backend, report.dense_latency_ms = backend, dense["latency"]
+        report.latency_before_ms, report.latency_after_ms = before["latency"], after["latency"]
     return report

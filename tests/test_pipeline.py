@@ -37,7 +37,7 @@ def synthetic_run(tmp_path_factory):
 def test_run_leaves_everything(synthetic_run):
     folder = synthetic_run
     for path in ("config.json", "report.json", "report.md", "spectra.png", "ranks.png", "curves.png",
-                 "export/model.pt", "export/ranks.json", "export/model.onnx", "train/log.csv", "sparsify/log.csv",
+                 "export/model.pt", "export/layout.json", "export/model.onnx", "export/model.pt2", "train/log.csv", "sparsify/log.csv",
                  "finetune/log.csv", "sparsify/spectra_before.json", "sparsify/spectra_after.json"):
         assert (folder / path).is_file(), path
     assert list((folder / "train" / "tb").glob("events.out.tfevents.*"))
@@ -82,7 +82,7 @@ def test_stage_subcommands_extend_a_run(synthetic_run, capsys):
     assert code == 0 and out.strip().splitlines()[-1] == str(synthetic_run)
     assert json.loads((synthetic_run / "config.json").read_text())["energy"] == 0.4
     pruned = json.loads((synthetic_run / "prune" / "prune_report.json").read_text())
-    before = {r["name"]: r["rank"] for r in json.loads((synthetic_run / "export" / "ranks.json").read_text())["layers"]}
+    before = {r["name"]: r["rank"] for r in json.loads((synthetic_run / "export" / "layout.json").read_text())["layers"]}
     assert sum(r["rank_after"] for r in pruned["layers"]) < sum(before.values())
     for stage in ("finetune", "export", "report"):
         assert run_cli([stage, str(synthetic_run)], capsys)[0] == 0
@@ -156,3 +156,24 @@ def test_real_fashion_mnist_slice(tmp_path, capsys):
     assert report["config"]["data"] == "fashion_mnist"
     assert report["dense"]["accuracy"] > 60  # 10 classes: chance is 10 %
     assert report["final"]["accuracy"] > 60
+
+
+def test_torch_export_program_matches(synthetic_run):
+    small = load_exported(synthetic_run)
+    x = Run.open(synthetic_run).example_input(1)
+    program = torch.export.load(str(synthetic_run / "export" / "model.pt2"))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), small(x)) <= 1e-5
+
+
+def test_latency_strategy_export_from_the_cli(tmp_path, capsys):
+    code, out, _ = run_cli(["run", *SYNTHETIC, "export_strategy=latency", "export_backend=eager", "onnx=false",
+                            f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    folder = Path(out.strip().splitlines()[-1])
+    layout = json.loads((folder / "export" / "layout.json").read_text())
+    assert layout["strategy"] == "latency" and layout["backend"] == "eager"
+    small, run = load_exported(folder), Run.open(folder)
+    x = run.example_input(2)
+    with torch.no_grad():
+        assert rel_err(small(x), run.model_after("finetune").eval()(x)) <= 1e-5

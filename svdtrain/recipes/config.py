@@ -19,6 +19,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from svdtrain.latency import BACKENDS
+
 from .baselines import METHODS
 from .data import DATASETS
 from .models import MODELS
@@ -69,6 +71,9 @@ class RunConfig:
     trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
     trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,
                                                            doc="trp: energy removed by each truncation in training"))
+    export_strategy: str = field(default="flops", metadata=_choice(
+        "flops", "latency", doc="export: fewer FLOPs per layer, or measured faster on export_backend"))
+    export_backend: str = field(default="eager", metadata=_choice(*BACKENDS))
     # --- optimisation (every stage)
     optimizer: str = field(default="adam", metadata=_choice("sgd", "adam"))
     lr: float = field(default=1e-3, metadata=_range(0, low_open=True))

@@ -8,6 +8,7 @@ interrupted one from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
@@ -227,19 +228,26 @@ def stage_finetune(run: Run) -> dict:
 
 
 def stage_export(run: Run) -> dict:
-    """The plain model: state_dict + ranks.json (rebuild with `load_exported`), and ONNX when available."""
+    """The plain model as model.pt (state_dict) + layout.json (rebuild with `load_exported`: no code is unpickled),
+    model.pt2 (torch.export) and model.onnx; forms chosen by export_strategy on export_backend."""
+    cfg = run.cfg
     model = run.model_after("finetune")
     example = run.example_input()
-    small = svdtrain.export(model, example).eval()
+    small = svdtrain.export(model, example, strategy=cfg.export_strategy, backend=cfg.export_backend).eval()
     folder = run.stage_dir("export")
     layers = [{"name": name, "rank": layer.rank, "full_rank": layer.full_rank,
+               "decomposition": getattr(layer, "decomposition", "channel"),
                "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense"}
               for name, layer in svd_layers(model)]
-    kind = "svd" if layers else "dense"
-    write_atomic(folder / "ranks.json", json.dumps({"model": run.cfg.model, "kind": kind, "layers": layers},
-                                                   indent=2) + "\n")
+    layout = {"model": cfg.model, "kind": "svd" if layers else "dense", "strategy": cfg.export_strategy,
+              "backend": cfg.export_backend, "layers": layers}
+    write_atomic(folder / "layout.json", json.dumps(layout, indent=2) + "\n")
     save_atomic(small.state_dict(), folder / "model.pt")
-    onnx = _export_onnx(small, example, folder / "model.onnx") if run.cfg.onnx else "disabled (onnx=false)"
+    program = torch.export.export(small, (example,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    write_atomic(folder / "model.pt2", buffer.getvalue())
+    onnx = _export_onnx(small, example, folder / "model.onnx") if cfg.onnx else "disabled (onnx=false)"
     result = {"form": "exported", "accuracy": run.accuracy(small), "flops": svdtrain.count_flops(small, example),
               "params": svdtrain.count_params(small), "onnx": onnx, "layers": layers}
     run.finish("export", result)
@@ -271,16 +279,13 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
 
 
 def load_exported(run_folder: Path) -> nn.Module:
-    """The exported plain model of a run, rebuilt from config.json, ranks.json and model.pt (no code unpickled)."""
+    """The exported plain model of a run, rebuilt from config.json, layout.json and model.pt (no code unpickled)."""
     run = Run.open(run_folder)
-    ranks = json.loads((run.stage_dir("export") / "ranks.json").read_text())
+    layout = json.loads((run.stage_dir("export") / "layout.json").read_text())
     state = load_weights(run.stage_dir("export") / "model.pt")
     model = run.dense_model()
-    if ranks["kind"] == "svd":
-        run.decompose(model)
-        for row in ranks["layers"]:
-            model.get_submodule(row["name"]).truncate_(row["rank"])
-        model = svdtrain.export(model, run.example_input())
+    if layout["kind"] == "svd":
+        svdtrain.rebuild(model, {row["name"]: row for row in layout["layers"]})
     else:
         resize_to_state_(model, state)
     model.load_state_dict(state)

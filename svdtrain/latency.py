@@ -1,0 +1,144 @@
+"""Measured latency: time plain modules on a backend, with a cache, for latency-aware export and budgets.
+
+FLOPs are not time (DESIGN.md): a thin pair can be slower than the dense layer it
+replaces, most of all at small inputs and batch 1. So export can time, per layer
+and at the real input shape, the dense form and the thin pair on the backend the
+model will run on, and keep the faster one.
+
+Backends: "eager" (PyTorch on the CPU), "onnxruntime" (ONNX Runtime on the CPU),
+"cuda" (PyTorch on the GPU). Only "eager" needs nothing beyond torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+BACKENDS = ("eager", "onnxruntime", "cuda")
+
+# (backend, threads, layer signature, input shape) -> median milliseconds. Layers are timed with
+# their own (random) weights, but the time depends only on the signature and the input shape.
+_CACHE: dict[tuple, float] = {}
+
+
+def check_backend(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise ValueError("backend='cuda' but torch.cuda.is_available() is False; use 'eager' or 'onnxruntime'")
+    if backend == "onnxruntime":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ValueError("backend='onnxruntime' needs onnx and onnxruntime: pip install 'svdtrain[tool]'") from None
+
+
+def _onnx_session(module: nn.Module, example: torch.Tensor):
+    import logging
+
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The TorchScript-based exporter: a fraction of a second per small module, where the
+            # dynamo exporter takes seconds; both produce the same Conv/Gemm nodes.
+            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
+    finally:
+        onnx_log.setLevel(level)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Spinning worker threads keep a core busy after each run; with several sessions timed in turn
+    # (dense vs thin) they steal time from each other and the comparison is biased.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def runner(module: nn.Module, example: torch.Tensor, backend: str):
+    """A no-argument callable running one forward of `module` on `example` on the backend."""
+    module = module.eval()
+    if backend == "onnxruntime":
+        session, feed = _onnx_session(module, example), {"x": example.numpy()}
+        return lambda: session.run(None, feed)
+    if backend == "cuda":
+        module, example = copy.deepcopy(module).cuda(), example.cuda()
+
+        def run_cuda():
+            with torch.inference_mode():
+                module(example)
+            torch.cuda.synchronize()
+
+        return run_cuda
+
+    def run_eager():
+        with torch.inference_mode():
+            module(example)
+
+    return run_eager
+
+
+def timings(runners: dict[str, callable], repeats: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds per call of each runner, `repeats` times; the runners alternate within each repeat so
+    machine drift hits all alike."""
+    times = {name: [] for name in runners}
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(runners: dict[str, callable], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each runner (see `timings`)."""
+    return {name: statistics.median(t) for name, t in timings(runners, repeats, warmup).items()}
+
+
+def timings_for(runners: dict[str, callable], budget_s: float, min_repeats: int = 7,
+                max_repeats: int = 1000) -> dict[str, list[float]]:
+    """`timings` with as many repeats as fit in about `budget_s` seconds (small models get many)."""
+    once = timings(runners, repeats=1, warmup=1)
+    repeats = int(budget_s * 1e3 / max(sum(t[0] for t in once.values()), 1e-3))
+    return timings(runners, max(min_repeats, min(max_repeats, repeats)), warmup=1)
+
+
+def layer_signature(module: nn.Module) -> tuple:
+    """What a plain layer's time depends on: its type and shape attributes (and those of a pair's parts)."""
+    if isinstance(module, nn.Sequential):
+        return tuple(layer_signature(m) for m in module)
+    keys = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+            "dilation", "groups", "padding_mode")
+    return (type(module).__name__, *(getattr(module, k, None) for k in keys), getattr(module, "bias", None) is None)
+
+
+def time_forms(forms: dict[str, nn.Module], input_shape: tuple, backend: str, budget_s: float = 0.5) -> dict[str, float]:
+    """Median ms of each plain form at `input_shape` on `backend`, from the cache where it has them.
+
+    The number of repeats (5 to 20) is chosen so measuring takes about `budget_s` seconds.
+    """
+    keys = {name: (backend, torch.get_num_threads(), layer_signature(m), tuple(input_shape))
+            for name, m in forms.items()}
+    missing = {name: m for name, m in forms.items() if keys[name] not in _CACHE}
+    if missing:
+        example = torch.randn(input_shape, dtype=next(next(iter(missing.values())).parameters()).dtype)
+        runners = {name: runner(m, example, backend) for name, m in missing.items()}
+        once = median_ms(runners, repeats=1, warmup=1)
+        repeats = max(5, min(20, int(budget_s * 1e3 / max(sum(once.values()), 1e-3))))
+        for name, ms in median_ms(runners, repeats, warmup=0).items():
+            _CACHE[keys[name]] = ms
+    return {name: _CACHE[keys[name]] for name in forms}
