@@ -266,9 +266,9 @@ def markdown(result: dict, png: str) -> str:
     lines += [
         "",
         "Bars:",
-        f"- SVD training (Hoyer, channel-wise) ≥ 3× fewer conv FLOPs at ≤ 0.5 points below the dense mean: "
+        "- SVD training (Hoyer, channel-wise) ≥ 3× fewer conv FLOPs at ≤ 0.5 points below the dense mean: "
         + (f"**met** ({best['conv_flops_reduction']:.2f}× at {best['accuracy']:.2f} %)" if best else
-           f"**not met** (interpolated accuracy at 3×: "
+           "**not met** (interpolated accuracy at 3×: "
            + ("—" if b["svd_at_3x"] is None else f"{b['svd_at_3x']:.2f} %") + ")"),
         "- SVD training ≥ each baseline at matched FLOPs (2×–5×): "
         + ", ".join(f"{m}: {'yes' if ok else '**no**'}" for m, ok in b["svd_at_least_each_baseline"].items()),

@@ -5,6 +5,8 @@
     svdtrain STAGE RUN_DIR [key=value ...]         one stage (train sparsify prune finetune export report)
     svdtrain bench latency|overhead [options]      the benchmarks; results into RESULTS.md
 
+Under `torchrun --nproc_per_node N -m svdtrain.cli run ...` the training stages run on N processes.
+
 The last line printed is the run folder.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from .recipes.config import ConfigError, load_config, parse_overrides
 from .recipes.data import DataError
+from .recipes.distributed import stop
 from .recipes.pipeline import STAGES, Run, run_all, run_stage
 from .recipes.train import TrainingError
 
@@ -95,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; continue with: svdtrain run --resume {run.folder}" if run is not None else ""
         print(f"\nsvdtrain: interrupted{where}", file=sys.stderr)
         return 130
-    print(run.folder)
+    finally:
+        stop()
+    if run.cluster.main:
+        print(run.folder)
     return 0
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SmallNet, rel_err
-from svdtrain import SVDConfig, SVDConv, SVDLinear, decompose_
+from conftest import rel_err
+from svdtrain import SVDConfig, SVDLinear, decompose_
 
 
 def reasons(report):

@@ -191,3 +191,28 @@ def test_from_dense_rejects_other_modules():
         SVDLinear.from_dense(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="init"):
         SVDLinear.from_dense(nn.Linear(3, 3), init="zeros")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decomposition", ["channel", "spatial"])
+def test_torch_compile_gives_the_same_numbers(decomposition):
+    """torch.compile (default inductor backend) on a decomposed model, before and after pruning changes the ranks."""
+    import svdtrain
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+    svdtrain.decompose_(model, svdtrain.SVDConfig(decomposition=decomposition))
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 16, 16)
+    for _ in range(2):  # full rank (W rebuilt), then pruned (thin pairs where they are cheaper)
+        outputs, grads = [], []
+        for forward in (model, compiled):
+            model.zero_grad()
+            out = forward(x)
+            (out.square().mean() + orthogonality_loss(model)).backward()
+            outputs.append(out.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert rel_err(outputs[1], outputs[0]) < 1e-5
+        assert rel_err(grads[1], grads[0]) < 1e-4
+        svdtrain.prune_(model, energy=0.3)

@@ -80,7 +80,7 @@ class RunConfig:
     finetune_lr: float = field(default=3e-4, metadata=_range(0, low_open=True))
     momentum: float = field(default=0.9, metadata=_range(0, 1, high_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0))
-    batch_size: int = field(default=128, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1, doc="images per step, over all torchrun processes"))
     schedule: str = field(default="cosine", metadata=_choice("constant", "step", "cosine"))
     milestones: tuple[float, ...] = (0.494, 0.744)  # step schedule, fractions of a stage
     gamma: float = field(default=0.1, metadata=_range(0, 1, low_open=True))
@@ -88,6 +88,11 @@ class RunConfig:
     sparsify_epochs: int = field(default=2, metadata=_range(0))
     finetune_epochs: int = field(default=1, metadata=_range(0))
     # --- run
+    device: str = field(default="auto", metadata=_choice(
+        "auto", "cpu", "cuda", doc="auto: CUDA when there is a GPU (under torchrun, the GPU of LOCAL_RANK)"))
+    amp: str = field(default="none", metadata=_choice("none", "bf16", doc="bf16: forward under bf16 autocast"))
+    channels_last: bool = False  # NHWC memory format for the model and its 4-D inputs (faster convs on GPUs)
+    compile: bool = False  # torch.compile the training forward
     seed: int = 0
     threads: int = field(default=0, metadata=_range(0, doc="torch threads; 0 = torch's default"))
     eval_batch_size: int = field(default=1000, metadata=_range(1))

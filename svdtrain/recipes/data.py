@@ -7,6 +7,7 @@ memory as uint8 tensors; a batch is a slice of them, normalised and augmented
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import math
@@ -36,8 +37,11 @@ class Split:
     def subset(self, n: int) -> "Split":
         return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
 
-    def shard(self, rank: int, world: int) -> "Split":
-        return self if world == 1 else Split(self.images[rank::world], self.labels[rank::world])
+    def to(self, device: torch.device) -> "Split":
+        """On `device` (images decoded per batch stay where they are)."""
+        if isinstance(self.images, LazyImages):
+            return Split(self.images, self.labels.to(device))
+        return Split(self.images.to(device), self.labels.to(device))
 
 
 @dataclass
@@ -61,32 +65,47 @@ class Dataset:
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images.float() / 255 - mean) / std
 
+    def to(self, device: torch.device) -> "Dataset":
+        return dataclasses.replace(self, train=self.train.to(device), test=self.test.to(device))
+
     def batches(self, split: Split, batch_size: int, generator: torch.Generator | None = None,
-                augment: bool = False, max_batches: int = 0):
-        """(x, y) batches of `split`; shuffled (and augmented) when a generator is given."""
+                augment: bool = False, max_batches: int = 0, rank: int = 0, world: int = 1):
+        """(x, y) batches of `split`; shuffled (and augmented) when a generator is given.
+
+        With `world` > 1 this process gets every world-th image of each batch of `batch_size`, starting
+        at `rank`: the processes together see exactly the batches one process would.
+        """
         n = len(split)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        share = slice(rank, None, world)
         for i, idx in enumerate(order.split(batch_size)):
             if max_batches and i >= max_batches:
                 return
-            x = split.images[idx]
+            x = split.images[idx[share]]  # CPU indices index GPU-resident data too
             if augment and generator is not None:
-                x = augment_batch(x, self.crop_padding, self.flip, generator)
-            yield self.normalize(x), split.labels[idx]
+                x = augment_batch(x, self.crop_padding, self.flip, generator, len(idx), share)
+            yield self.normalize(x), split.labels[idx[share]]
 
 
-def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding `padding` on each side) and random horizontal flip, for a whole batch at once."""
+def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator, batch: int = 0,
+                  share: slice = slice(None)) -> torch.Tensor:
+    """Random crop (zero padding `padding` on each side) and random horizontal flip, for a whole batch at once.
+
+    `x` may be one process's `share` of a batch of `batch` images: the random draws are made for the
+    whole batch and then shared out, so each image is augmented as a single process would do it.
+    """
     n, c, h, w = x.shape
+    batch, device = batch or n, x.device
     if padding:
         padded = torch.nn.functional.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)[share].to(device)
+        dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)[share].to(device)
+        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        x = padded[torch.arange(n, device=device)[:, None, None, None],
+                   torch.arange(c, device=device)[None, :, None, None], rows, cols]
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
+        mask = (torch.rand(batch, generator=generator) < 0.5)[share].to(device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x
 

@@ -26,6 +26,7 @@ from svdtrain.config import name_matches
 from .baselines import filter_prune_, resize_to_state_
 from .config import RunConfig, check_keys
 from .data import Dataset, load_dataset
+from .distributed import Cluster, start
 from .models import build_model
 from .train import StageSettings, evaluate, fit, load_weights, save_atomic, write_atomic
 
@@ -33,27 +34,40 @@ STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
 
 
 class Run:
-    """A run folder: its config, data, and the models each stage leaves."""
+    """A run folder: its config, data, and the models each stage leaves.
+
+    Under torchrun there is one Run per process; rank 0 alone writes (see recipes/distributed.py).
+    """
 
     def __init__(self, folder: Path, cfg: RunConfig, echo=print):
-        self.folder, self.cfg, self.echo = Path(folder), cfg, echo
+        self.folder, self.cfg, self._echo = Path(folder), cfg, echo
+
+    def echo(self, text: str):
+        if self.cluster.main:
+            self._echo(text)
+
+    @cached_property
+    def cluster(self) -> Cluster:
+        return start(self.cfg.device)
 
     @classmethod
     def create(cls, cfg: RunConfig, echo=print) -> "Run":
         """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
         run = cls(Path(), cfg, echo)
         run.data  # noqa: B018 -- fail on missing data before any folder exists
-        out = Path(cfg.out_dir)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for i in range(1000):
-            folder = out / (f"{cfg.name}-{stamp}" + (f"-{i}" if i else ""))
-            try:
-                folder.mkdir(parents=True, exist_ok=False)
-                break
-            except FileExistsError:
-                continue
-        run.folder = folder
-        run.save_config()
+        if run.cluster.main:
+            out = Path(cfg.out_dir)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for i in range(1000):
+                folder = out / (f"{cfg.name}-{stamp}" + (f"-{i}" if i else ""))
+                try:
+                    folder.mkdir(parents=True, exist_ok=False)
+                    break
+                except FileExistsError:
+                    continue
+            run.folder = folder
+            run.save_config()
+        run.folder = run.cluster.broadcast(run.folder)
         return run
 
     @classmethod
@@ -69,12 +83,18 @@ class Run:
             run.save_config()
         return run
 
+    def write(self, name: str, text: str):
+        """folder/name, atomically, by rank 0."""
+        if self.cluster.main:
+            write_atomic(self.folder / name, text)
+
     def save_config(self):
-        write_atomic(self.folder / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        self.write("config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
 
     @cached_property
     def data(self) -> Dataset:
-        return load_dataset(self.cfg.data, self.cfg.data_dir, self.cfg.image_size)
+        """In memory; on the GPU when training runs there (a batch is then a slice, nothing is copied)."""
+        return load_dataset(self.cfg.data, self.cfg.data_dir, self.cfg.image_size).to(self.cluster.device)
 
     def stage_dir(self, stage: str) -> Path:
         return self.folder / stage
@@ -90,6 +110,8 @@ class Run:
         return json.loads(path.read_text())
 
     def finish(self, stage: str, result: dict, model: nn.Module | None = None):
+        if not self.cluster.main:
+            return
         if model is not None:
             save_atomic(model.state_dict(), self.stage_dir(stage) / "final.pt")
         write_atomic(self.stage_dir(stage) / "result.json", json.dumps(result, indent=2) + "\n")
@@ -123,7 +145,7 @@ class Run:
         return model
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        return self.data.normalize(self.data.test.images[torch.arange(batch)])
+        return self.data.normalize(self.data.test.images[torch.arange(batch)]).cpu()
 
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
@@ -134,7 +156,7 @@ class Run:
         if not epochs:
             return self.accuracy(model)
         history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s, **trp),
-                      self.stage_dir(stage), self.echo)
+                      self.stage_dir(stage), self.echo, self.cluster)
         return history[-1]["test_accuracy"]
 
 
@@ -171,9 +193,9 @@ def stage_sparsify(run: Run) -> dict:
     if cfg.method == "svd":
         if not svd_layers(model):
             run.decompose(model, init="svd")
-        write_atomic(run.stage_dir("sparsify") / "spectra_before.json", json.dumps(spectra(model)))
+        run.write("sparsify/spectra_before.json", json.dumps(spectra(model)))
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s)
-        write_atomic(run.stage_dir("sparsify") / "spectra_after.json", json.dumps(spectra(model)))
+        run.write("sparsify/spectra_after.json", json.dumps(spectra(model)))
     elif cfg.method == "trp":
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,
                            truncate_every=cfg.trp_period, truncate_energy=cfg.trp_energy)
@@ -300,17 +322,25 @@ def stage_report(run: Run) -> dict:
 
 STAGE_FUNCTIONS = {"train": stage_train, "sparsify": stage_sparsify, "prune": stage_prune,
                    "finetune": stage_finetune, "export": stage_export, "report": stage_report}
+# Stages that decide (which ranks) or measure (latency) run on rank 0 alone, so every process goes on
+# with the same model: the others wait and then read what rank 0 wrote.
+RANK0_STAGES = ("prune", "export", "report")
 
 
 def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
     """Run one stage; without `resume` its folder is cleared first (a fresh start of that stage)."""
-    if not resume and run.stage_dir(stage).exists():
-        shutil.rmtree(run.stage_dir(stage))
+    cluster = run.cluster
+    if cluster.main:
+        if not resume and run.stage_dir(stage).exists():
+            shutil.rmtree(run.stage_dir(stage))
+        run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+    cluster.barrier()  # no process reads a stage folder rank 0 is still clearing
     if run.cfg.threads:
         torch.set_num_threads(run.cfg.threads)
-    run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
     run.echo(f"== {stage}")
-    return STAGE_FUNCTIONS[stage](run)
+    result = STAGE_FUNCTIONS[stage](run) if cluster.main or stage not in RANK0_STAGES else None
+    cluster.barrier()  # what the stage wrote is complete before any process reads it
+    return result if result is not None else run.result(stage)
 
 
 def run_all(run: Run, resume: bool = False) -> dict:

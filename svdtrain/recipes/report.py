@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import svdtrain
+from svdtrain.latency import median_ms, runner
 
 from .train import write_atomic
 
@@ -26,21 +25,19 @@ def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)))
 
 
-def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, repeats: int) -> dict[str, float]:
+def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, repeats: int,
+                    backend: str = "eager") -> dict[str, float]:
     """Median forward time in ms per model; the models alternate within each repeat so drift hits all alike."""
-    times = {name: [] for name in models}
-    for m in models.values():
-        m.eval()
-    with torch.no_grad():
-        for _ in range(3):  # warm-up
-            for m in models.values():
-                m(example)
-        for _ in range(repeats):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(example)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return median_ms({name: runner(m, example, backend) for name, m in models.items()}, repeats, warmup=3)
+
+
+def gpu_latency(dense: nn.Module, small: nn.Module, run, repeats: int, batches=(1, 256)) -> dict:
+    """Dense vs final on the GPU at each batch size: median ms per forward, synchronised."""
+    out = {}
+    for batch in batches:
+        ms = measure_latency({"dense": dense, "final": small}, run.example_input(batch), repeats, "cuda")
+        out[str(batch)] = {"dense_ms": ms["dense"], "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
+    return out
 
 
 def write_section(path: Path, name: str, text: str):
@@ -97,12 +94,15 @@ def write_report(run) -> dict:
         "config": cfg.to_dict(),
         "environment": {"torch": torch.__version__, "svdtrain": svdtrain.__version__,
                         "python": platform.python_version(), "machine": platform.machine(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(),
+                        **({"gpu": torch.cuda.get_device_name()} if run.cluster.device.type == "cuda" else {})},
     }
     final, base = report["final"], report["dense"]
     final["flops_reduction"] = base["flops"] / final["flops"]
     final["conv_flops_reduction"] = base["conv_flops"] / max(final["conv_flops"], 1)
     final["speedup"] = latency["dense"] / latency["final"]
+    if run.cluster.device.type == "cuda":
+        final["gpu_latency"] = gpu_latency(dense, small, run, cfg.latency_repeats)
     report["plots"] = _plots(run, report)
     write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
     write_atomic(run.folder / "report.md", _markdown(report))
@@ -114,9 +114,11 @@ def write_report(run) -> dict:
 def _headline(report: dict) -> str:
     d, f = report["dense"], report["final"]
     acc = f"{f['accuracy']:.2f} %" + (f" (dense {d['accuracy']:.2f} %)" if d["accuracy"] is not None else "")
+    gpu = "".join(f"; GPU batch {b}: {g['final_ms']:.2f} vs {g['dense_ms']:.2f} ms ({g['speedup']:.2f}×)"
+                  for b, g in f.get("gpu_latency", {}).items())
     return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "
             f"params, latency {f['latency_ms']:.2f} ms vs dense {f['dense_latency_ms']:.2f} ms "
-            f"({f['speedup']:.2f}×, batch 1, {report['environment']['threads']} threads)")
+            f"({f['speedup']:.2f}×, batch 1, {report['environment']['threads']} threads){gpu}")
 
 
 def _markdown(report: dict) -> str:
@@ -140,6 +142,9 @@ def _markdown(report: dict) -> str:
         f"{f['latency_ms']:.3f} ms |",
         f"| ratio | | {f['flops_reduction']:.2f}× fewer | {f['conv_flops_reduction']:.2f}× fewer | "
         f"{d['params'] / f['params']:.2f}× fewer | {f['speedup']:.2f}× faster |",
+        "",
+        *[f"On the GPU at batch {b}: {g['final_ms']:.3f} ms vs dense {g['dense_ms']:.3f} ms, "
+          f"{g['speedup']:.2f}× faster." for b, g in f.get("gpu_latency", {}).items()],
         "",
         "## Stages",
         "",

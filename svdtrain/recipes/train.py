@@ -27,6 +27,7 @@ from svdtrain.prune import rank_for_energy, tail_energy
 from .baselines import nuclear_norm, trp_layers, trp_truncate_
 from .config import RunConfig
 from .data import Dataset, Split
+from .distributed import Cluster
 
 STAGE_SEEDS = {"train": 1, "sparsify": 2, "finetune": 3}
 _UMASK = os.umask(0)
@@ -95,16 +96,28 @@ def make_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.O
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, split: Split, cfg: RunConfig) -> tuple[float, float]:
-    """(accuracy in %, mean cross-entropy) over `split`."""
+def evaluate(model: nn.Module, data: Dataset, split: Split, cfg: RunConfig,
+             cluster: Cluster = Cluster()) -> tuple[float, float]:
+    """(accuracy in %, mean cross-entropy) over `split`, on the model's device; shared out over the cluster."""
     model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in data.batches(split, cfg.eval_batch_size, max_batches=cfg.max_batches):
+    device = next(model.parameters()).device
+    correct, loss, n = 0.0, 0.0, 0
+    for x, y in data.batches(split, cfg.eval_batch_size, max_batches=cfg.max_batches, rank=cluster.rank,
+                             world=cluster.world):
+        x, y = _on(device, cfg, x, y)
         out = model(x)
         correct += (out.argmax(1) == y).sum().item()
         loss += F.cross_entropy(out, y, reduction="sum").item()
         n += len(y)
+    correct, loss, n = cluster.sum([correct, loss, n])
     return 100.0 * correct / n, loss / n
+
+
+def _on(device: torch.device, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, non_blocking=True)
+    if cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
 
 
 def ranks_at_energy(model: nn.Module, energy: float) -> dict[str, int]:
@@ -146,22 +159,31 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, folder: Path,
-        echo=print) -> list[dict]:
+        echo=print, cluster: Cluster = Cluster()) -> list[dict]:
     """Train `model` for one stage, checkpointing every epoch into `folder`; resumes from the latest checkpoint.
 
-    Returns the per-epoch history (also written to folder/log.csv and TensorBoard).
+    Under torchrun every process calls this with the same model; DistributedDataParallel averages the
+    gradients, so the processes stay identical, and only rank 0 writes. Returns the per-epoch history
+    (also written to folder/log.csv and TensorBoard).
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    if cluster.main:
+        folder.mkdir(parents=True, exist_ok=True)
     history, start, saved = [], 0, None
     if _checkpoints(folder):
         saved = load_weights(_checkpoints(folder)[-1])
         model.load_state_dict(saved["model"])
         history, start = saved["history"], saved["epoch"]
         echo(f"[{stage.name}] resuming after epoch {start}")
+    model.to(cluster.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model, stage.lr)  # after loading: parameters are new objects
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
-    writer = _tensorboard(folder, start + 1)
+    forward = cluster.wrap(model)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    writer = _tensorboard(folder, start + 1) if cluster.main else None
     svd = bool(svd_layers(model))
     dense_targets = trp_layers(model, svdtrain.SVDConfig(exclude_modules=cfg.exclude_modules)) \
         if stage.nuclear or stage.truncate_every else []
@@ -174,18 +196,26 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             group["lr"] = lr
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + STAGE_SEEDS[stage.name] * 10_007 + epoch)
         model.train()
-        sums = {"loss": 0.0, "task_loss": 0.0, "orthogonality": 0.0, "sparsity": 0.0, "nuclear": 0.0}
-        correct = seen = 0
+        # This process's sums over the epoch (task loss, correct, regularizers × images, images), kept on
+        # the device so that a step does not wait for them; added over the processes at the epoch's end.
+        sums = torch.zeros(6, dtype=torch.float64, device=cluster.device)
         started = time.perf_counter()
-        batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches)
+        batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches,
+                               rank=cluster.rank, world=cluster.world)
         for step, (x, y) in enumerate(_progress(batches, steps, f"{stage.name} {epoch + 1}/{stage.epochs}",
-                                                cfg.progress)):
-            out = model(x)
-            task = F.cross_entropy(out, y)
+                                                cfg.progress and cluster.main)):
+            x, y = _on(cluster.device, cfg, x, y)
+            batch = min(cfg.batch_size, len(train) - step * cfg.batch_size)  # images in this step, all processes
+            with torch.autocast(cluster.device.type, torch.bfloat16, enabled=cfg.amp == "bf16"):
+                out = forward(x)
+            # Summed here and divided by the global batch: DDP's mean over processes then gives the
+            # gradient of the mean over the whole batch, whatever each process's share.
+            task_sum = F.cross_entropy(out.float(), y, reduction="sum")
             ortho = _regularizer(svd, stage.lambda_o, svdtrain.orthogonality_loss, model)
             sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
             nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
-            loss = task + stage.lambda_o * ortho + stage.lambda_s * sparse + stage.nuclear * nuclear
+            loss = task_sum * (cluster.world / batch) + stage.lambda_o * ortho + stage.lambda_s * sparse \
+                + stage.nuclear * nuclear
             if not torch.isfinite(loss):
                 last = _checkpoints(folder)[-1] if _checkpoints(folder) else None
                 raise TrainingError(f"non-finite loss ({loss.item()}) in stage {stage.name}, epoch {epoch + 1}, "
@@ -195,30 +225,37 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             opt.step()
             if stage.truncate_every and (step + 1) % stage.truncate_every == 0:
                 trp_truncate_(dense_targets, stage.truncate_energy)
-            for key, value in (("loss", loss), ("task_loss", task), ("orthogonality", ortho), ("sparsity", sparse),
-                               ("nuclear", nuclear)):
-                sums[key] += value.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            seen += len(y)
-        test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg)
-        row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr, **{k: v / seen for k, v in sums.items()},
+            with torch.no_grad():
+                values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y))
+                sums += torch.stack([v.to(sums) for v in values] + [sums.new_tensor(len(y))])
+        task, correct, ortho, sparse, nuclear, seen = cluster.sum(sums.tolist())  # waits for the device
+        train_seconds = time.perf_counter() - started
+        test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg, cluster)
+        seconds = time.perf_counter() - started
+        means = {"task_loss": task / seen, "orthogonality": ortho / seen, "sparsity": sparse / seen,
+                 "nuclear": nuclear / seen}
+        loss = means["task_loss"] + stage.lambda_o * means["orthogonality"] + stage.lambda_s * means["sparsity"] \
+            + stage.nuclear * means["nuclear"]
+        row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr, "loss": loss, **means,
                "train_accuracy": 100.0 * correct / seen, "test_accuracy": test_acc, "test_loss": test_loss,
-               "seconds": time.perf_counter() - started}
+               "seconds": seconds, "images_per_second": seen / train_seconds}
         if svd:
             row.update({f"rank/{name}": r for name, r in ranks_at_energy(model, cfg.energy).items()})
         history.append(row)
         echo(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['loss']:.4f}  "
-             f"train {row['train_accuracy']:.2f} %  test {test_acc:.2f} %  ({row['seconds']:.0f} s)")
-        if writer is not None:
-            for key, value in row.items():
-                if key not in ("stage", "epoch"):
-                    writer.add_scalar(key, value, epoch + 1)
-            writer.flush()
-        save_atomic({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "history": history}, folder / f"epoch_{epoch + 1:03d}.pt")
-        for old in _checkpoints(folder)[:-cfg.keep_checkpoints]:
-            old.unlink()
-        write_csv(folder / "log.csv", history)
+             f"train {row['train_accuracy']:.2f} %  test {test_acc:.2f} %  ({seconds:.0f} s, "
+             f"{row['images_per_second']:.0f} images/s)")
+        if cluster.main:
+            if writer is not None:
+                for key, value in row.items():
+                    if key not in ("stage", "epoch"):
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            save_atomic({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "history": history}, folder / f"epoch_{epoch + 1:03d}.pt")
+            for old in _checkpoints(folder)[:-cfg.keep_checkpoints]:
+                old.unlink()
+            write_csv(folder / "log.csv", history)
     if writer is not None:
         writer.close()
     return history

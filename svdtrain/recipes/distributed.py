@@ -1,0 +1,86 @@
+"""Several processes, one per device, on PyTorch's own engine: torch.distributed + DistributedDataParallel.
+
+`torchrun --nproc_per_node N -m svdtrain.cli run ...` (or the `svdtrain` script under torchrun) sets RANK,
+WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `start` joins that group (NCCL on CUDA, gloo on the CPU).
+Without those variables there is one process and every method here is a no-op.
+
+The division of work: every process trains on its share of each global batch (the batch_size images
+of one step are split across processes, so a step's gradient is the same as one process's); rank 0
+alone writes files and runs the stages that decide or measure (prune, export, report), and the others
+wait at a barrier and read what it wrote. Several machines therefore need a run folder on a file
+system they share, as resuming does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Cluster:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, value):
+        """Rank 0's `value` (any picklable object), on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """`model` under DistributedDataParallel (which starts by copying rank 0's parameters to all)."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def pick_device(device: str) -> torch.device:
+    """"auto": CUDA when there is a GPU; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but torch.cuda.is_available() is False; allowed here: device=cpu or auto")
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def start(device: str = "auto") -> Cluster:
+    """This process's place in the torchrun group (joining it if needed), and its device."""
+    target = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Cluster(device=target)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    return Cluster(dist.get_rank(), dist.get_world_size(), target)
+
+
+def stop():
+    if dist.is_initialized():
+        dist.destroy_process_group()
