@@ -85,14 +85,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"expected at most one CONFIG (and none with --resume), got {config}")
             if args.resume:
                 run = Run.open(args.resume, parse_overrides(overrides))
+                run.check_writable()
             else:
                 run = Run.create(load_config(config[0] if config else None, overrides))
             run_all(run, resume=bool(args.resume))
         else:
             run = Run.open(args.run_dir, parse_overrides(args.overrides))
+            run.check_writable()
             run_stage(run, args.command, resume=args.resume)
     except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
         print(f"svdtrain: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up during the run: what was saved before is whole
+        where = f"; files saved before are intact; continue with: svdtrain run --resume {run.folder}" \
+            if run is not None and run.folder.name else ""
+        print(f"svdtrain: error: cannot write {e.filename or ''}: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = f"; continue with: svdtrain run --resume {run.folder}" if run is not None else ""

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import rel_err
+from conftest import TINY_RUN, rel_err
 from svdtrain.cli import main
 
-# LeNet-5 has no batch norm, so two processes with half a batch each must compute what one process does;
-# augmentation on, so its random draws must be shared out alike too. SGD, because Adam divides by the
-# root of tiny second moments and so turns float rounding (the order DDP sums in) into 1e-4 differences.
-TINY = ["data=synthetic", "model=lenet5", "train_epochs=1", "sparsify_epochs=2", "finetune_epochs=1",
-        "lambda_s=0.1", "energy=0.15", "batch_size=30", "progress=false", "latency_repeats=1", "onnx=false",
-        "device=cpu", "threads=1", "optimizer=sgd", "lr=0.05", "finetune_lr=0.01"]
+# TINY_RUN's LeNet-5 has no batch norm, so two processes with half a batch each must compute what one
+# process does; augmentation is on, so its random draws must be shared out alike too. It uses SGD because
+# Adam divides by the root of tiny second moments and so turns float rounding (the order in which DDP
+# sums) into 1e-4 differences.
+TINY = TINY_RUN
 
 
 def _free_port() -> int:

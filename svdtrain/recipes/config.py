@@ -74,6 +74,7 @@ class RunConfig:
     export_strategy: str = field(default="flops", metadata=_choice(
         "flops", "latency", doc="export: fewer FLOPs per layer, or measured faster on export_backend"))
     export_backend: str = field(default="eager", metadata=_choice(*BACKENDS))
+    export_batch: int = field(default=1, metadata=_range(1, doc="the batch size export_strategy=latency times at"))
     # --- optimisation (every stage)
     optimizer: str = field(default="adam", metadata=_choice("sgd", "adam"))
     lr: float = field(default=1e-3, metadata=_range(0, low_open=True))
@@ -93,6 +94,8 @@ class RunConfig:
     amp: str = field(default="none", metadata=_choice("none", "bf16", doc="bf16: forward under bf16 autocast"))
     channels_last: bool = False  # NHWC memory format for the model and its 4-D inputs (faster convs on GPUs)
     compile: bool = False  # torch.compile the training forward
+    on_nonfinite: str = field(default="stop", metadata=_choice(
+        "stop", "skip", doc="a step with a non-finite loss or gradient: stop the run, or skip the step"))
     seed: int = 0
     threads: int = field(default=0, metadata=_range(0, doc="torch threads; 0 = torch's default"))
     eval_batch_size: int = field(default=1000, metadata=_range(1))

@@ -12,6 +12,7 @@ import gzip
 import io
 import math
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,15 +117,17 @@ def read_idx(path: Path) -> torch.Tensor:
         data = path.read_bytes()
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # missing, unreadable, or a corrupt gzip stream
         raise DataError(f"{path}: cannot read ({e})") from None
     if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
         raise DataError(f"{path}: not an IDX uint8 file (bad magic number {data[:4].hex()})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes for {ndim} dimensions)")
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     body = data[4 + 4 * ndim:]
-    if len(body) != math.prod(dims):
-        raise DataError(f"{path}: truncated or padded IDX file ({len(body)} data bytes for shape {dims})")
+    if len(body) != math.prod(dims) or not body:
+        raise DataError(f"{path}: truncated, padded or empty IDX file ({len(body)} data bytes for shape {dims})")
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
 
 

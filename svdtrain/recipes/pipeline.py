@@ -28,7 +28,7 @@ from .config import RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
 from .models import build_model
-from .train import StageSettings, evaluate, fit, load_weights, save_atomic, write_atomic
+from .train import StageSettings, evaluate, fit, load_into, load_weights, save_atomic, write_atomic
 
 STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
 
@@ -54,7 +54,8 @@ class Run:
     def create(cls, cfg: RunConfig, echo=print) -> "Run":
         """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
         run = cls(Path(), cfg, echo)
-        run.data  # noqa: B018 -- fail on missing data before any folder exists
+        run.preflight()  # bad data, model, checkpoint or budget: an error now, and no folder
+        run.check_writable(Path(cfg.out_dir))
         if run.cluster.main:
             out = Path(cfg.out_dir)
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -87,6 +88,35 @@ class Run:
         """folder/name, atomically, by rank 0."""
         if self.cluster.main:
             write_atomic(self.folder / name, text)
+
+    def preflight(self):
+        """What would otherwise fail hours later: the data loads, the model builds and takes its images, the
+        dense checkpoint fits it, it has layers to decompose, and a FLOPs / params budget is reachable."""
+        cfg, example = self.cfg, self.example_input(2)
+        model = self.dense_model().eval()
+        if cfg.dense_checkpoint:
+            load_into(model, load_weights(Path(cfg.dense_checkpoint)), f"dense_checkpoint {cfg.dense_checkpoint}")
+        try:
+            with torch.no_grad():
+                model(example)
+        except RuntimeError as e:
+            raise ValueError(f"model {cfg.model!r} cannot take {cfg.data} images of shape {tuple(example.shape[1:])}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        if cfg.method != "filter_pruning":
+            self.decompose(model)
+            if cfg.prune_flops or cfg.prune_params:
+                knob = {"flops": cfg.prune_flops} if cfg.prune_flops else {"params": cfg.prune_params}
+                svdtrain.prune_(model, **knob, example_inputs=example[:1], min_rank=cfg.min_rank)
+
+    def check_writable(self, folder: Path | None = None):
+        """An error now, not after hours of training, when the run folder (or `folder`, where it will be made)
+        cannot take the run's files. Bytes needed at most: per training stage its kept epoch checkpoints
+        (weights + optimizer state, up to 3× the weights) and final.pt; three exports; 50 MB of logs and plots."""
+        if not self.cluster.main:
+            return
+        weights = sum(t.numel() * t.element_size() for t in self.dense_model().state_dict().values())
+        _check_writable(folder or self.folder, 3 * (3 * self.cfg.keep_checkpoints + 1) * weights + 3 * weights
+                        + 50 * 2**20)
 
     def save_config(self):
         self.write("config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
@@ -141,7 +171,7 @@ class Run:
             self.decompose(model)
         else:
             resize_to_state_(model, state)
-        model.load_state_dict(state)
+        load_into(model, state, f"{stage}/final.pt")
         return model
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
@@ -160,6 +190,24 @@ class Run:
         return history[-1]["test_accuracy"]
 
 
+def _check_writable(folder: Path, needed: int):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / ".svdtrain-write-test", b"")
+        (folder / ".svdtrain-write-test").unlink()
+    except OSError as e:
+        raise RunFolderError(f"cannot write to {folder} ({e.strerror or e}); set out_dir= to a writable folder") \
+            from None
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise RunFolderError(f"{folder} has {free / 2**20:.0f} MB free; this run may write up to "
+                             f"{needed / 2**20:.0f} MB; free some space or set out_dir= elsewhere")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be written (permissions, missing parent, no space); the message says what to do."""
+
+
 def spectra(model: nn.Module) -> dict[str, list[float]]:
     """Each SVD layer's |s|, sorted descending (all groups together)."""
     return {name: layer.s.detach().abs().flatten().sort(descending=True).values.tolist()
@@ -173,7 +221,7 @@ def stage_train(run: Run) -> dict:
     cfg = run.cfg
     model = run.dense_model()
     if cfg.dense_checkpoint:
-        model.load_state_dict(load_weights(Path(cfg.dense_checkpoint)))
+        load_into(model, load_weights(Path(cfg.dense_checkpoint)), f"dense_checkpoint {cfg.dense_checkpoint}")
     form = "svd" if cfg.train_mode == "svd" else "dense"
     if form == "svd":
         run.decompose(model, init="svd" if cfg.dense_checkpoint else "random")
@@ -255,14 +303,15 @@ def stage_export(run: Run) -> dict:
     cfg = run.cfg
     model = run.model_after("finetune")
     example = run.example_input()
-    small = svdtrain.export(model, example, strategy=cfg.export_strategy, backend=cfg.export_backend).eval()
+    small = svdtrain.export(model, run.example_input(cfg.export_batch), strategy=cfg.export_strategy,
+                            backend=cfg.export_backend).eval()
     folder = run.stage_dir("export")
     layers = [{"name": name, "rank": layer.rank, "full_rank": layer.full_rank,
                "decomposition": getattr(layer, "decomposition", "channel"),
                "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense"}
               for name, layer in svd_layers(model)]
     layout = {"model": cfg.model, "kind": "svd" if layers else "dense", "strategy": cfg.export_strategy,
-              "backend": cfg.export_backend, "layers": layers}
+              "backend": cfg.export_backend, "batch": cfg.export_batch, "layers": layers}
     write_atomic(folder / "layout.json", json.dumps(layout, indent=2) + "\n")
     save_atomic(small.state_dict(), folder / "model.pt")
     program = torch.export.export(small, (example,))
@@ -291,12 +340,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (example,), dynamo=True, external_data=False, verbose=False)
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False)
     finally:
         onnx_log.setLevel(level)
-    tmp = path.with_suffix(".onnx.tmp")
-    program.save(str(tmp))
-    tmp.replace(path)
+    write_atomic(path, program.model_proto.SerializeToString())
     return str(path.name)
 
 
@@ -310,7 +357,7 @@ def load_exported(run_folder: Path) -> nn.Module:
         svdtrain.rebuild(model, {row["name"]: row for row in layout["layers"]})
     else:
         resize_to_state_(model, state)
-    model.load_state_dict(state)
+    load_into(model, state, f"{run_folder}/export/model.pt")
     return model.eval()
 
 
@@ -334,6 +381,8 @@ def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
         if not resume and run.stage_dir(stage).exists():
             shutil.rmtree(run.stage_dir(stage))
         run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        for leftover in [*run.folder.glob(".*.tmp"), *run.stage_dir(stage).glob(".*.tmp")]:
+            leftover.unlink()  # a temporary file a crash left mid-save; the file it was to replace is whole
     cluster.barrier()  # no process reads a stage folder rank 0 is still clearing
     if run.cfg.threads:
         torch.set_num_threads(run.cfg.threads)

@@ -30,6 +30,7 @@ from .data import Dataset, Split
 from .distributed import Cluster
 
 STAGE_SEEDS = {"train": 1, "sparsify": 2, "finetune": 3}
+DRIFT_WARNING = 0.2  # orthogonality drift above which the epoch line warns
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -50,8 +51,10 @@ def write_atomic(path: Path, data: bytes | str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # fsync and write errors come without one
         raise
 
 
@@ -61,9 +64,36 @@ def save_atomic(obj, path: Path):
     write_atomic(path, buffer.getvalue())
 
 
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: unreadable, asking to run code, or made for another model."""
+
+
 def load_weights(path: Path):
-    """A checkpoint or state_dict, read without unpickling code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint or state_dict, read without unpickling code (tensors, numbers, strings, containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # a truncated zip, random bytes, a pickle of code: torch raises many kinds
+        lines = str(e).splitlines() or [""]
+        code = next((line.strip() for line in lines if "GLOBAL" in line), None)  # weights_only names the callable
+        if code:
+            raise CheckpointError(f"{path}: refused, it is not a plain weights file and would run code on loading "
+                                  f"({code}); nothing was executed") from None
+        raise CheckpointError(f"{path}: not a readable torch weights file, truncated or corrupt "
+                              f"({type(e).__name__}: {lines[0][:120]})") from None
+
+
+def load_into(model: nn.Module, state: dict, source: str):
+    """`model.load_state_dict(state)`, with a one-line error saying how `source` does not fit the model."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source}: not a state_dict (a dict of tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{source} was saved from a different model ({len(problems)} problem(s); first: "
+                              f"{problems[0][:200] if problems else e})") from None
 
 
 @dataclass(frozen=True)
@@ -168,10 +198,9 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     """
     if cluster.main:
         folder.mkdir(parents=True, exist_ok=True)
-    history, start, saved = [], 0, None
-    if _checkpoints(folder):
-        saved = load_weights(_checkpoints(folder)[-1])
-        model.load_state_dict(saved["model"])
+    history, start, saved = [], 0, _latest_checkpoint(folder, echo)
+    if saved is not None:
+        load_into(model, saved["model"], f"checkpoint {saved['path']}")
         history, start = saved["history"], saved["epoch"]
         echo(f"[{stage.name}] resuming after epoch {start}")
     model.to(cluster.device)
@@ -199,6 +228,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         # This process's sums over the epoch (task loss, correct, regularizers × images, images), kept on
         # the device so that a step does not wait for them; added over the processes at the epoch's end.
         sums = torch.zeros(6, dtype=torch.float64, device=cluster.device)
+        skipped = 0
         started = time.perf_counter()
         batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches,
                                rank=cluster.rank, world=cluster.world)
@@ -216,12 +246,19 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
             loss = task_sum * (cluster.world / batch) + stage.lambda_o * ortho + stage.lambda_s * sparse \
                 + stage.nuclear * nuclear
-            if not torch.isfinite(loss):
-                last = _checkpoints(folder)[-1] if _checkpoints(folder) else None
-                raise TrainingError(f"non-finite loss ({loss.item()}) in stage {stage.name}, epoch {epoch + 1}, "
-                                    f"step {step + 1}; last good checkpoint: {last or 'none (stage start)'}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # One wait for the device checks the loss and every gradient. The gradients are the same on
+            # every process (DDP averaged them), so all processes stop, or skip, the same steps.
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            if not torch.isfinite(loss.detach() + 0 * grad_norm):
+                where = (f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} in stage {stage.name}, "
+                         f"epoch {epoch + 1}, step {step + 1}")
+                if cfg.on_nonfinite == "stop":
+                    raise TrainingError(f"{where}; last good checkpoint: {_last_good(folder)} (on_nonfinite=skip "
+                                        "skips such steps instead)")
+                skipped += 1
+                continue
             opt.step()
             if stage.truncate_every and (step + 1) % stage.truncate_every == 0:
                 trp_truncate_(dense_targets, stage.truncate_energy)
@@ -229,6 +266,9 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y))
                 sums += torch.stack([v.to(sums) for v in values] + [sums.new_tensor(len(y))])
         task, correct, ortho, sparse, nuclear, seen = cluster.sum(sums.tolist())  # waits for the device
+        if seen == 0:
+            raise TrainingError(f"every step of stage {stage.name}, epoch {epoch + 1} had a non-finite loss or "
+                                f"gradient; last good checkpoint: {_last_good(folder)}")
         train_seconds = time.perf_counter() - started
         test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg, cluster)
         seconds = time.perf_counter() - started
@@ -238,13 +278,22 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             + stage.nuclear * means["nuclear"]
         row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr, "loss": loss, **means,
                "train_accuracy": 100.0 * correct / seen, "test_accuracy": test_acc, "test_loss": test_loss,
-               "seconds": seconds, "images_per_second": seen / train_seconds}
+               "seconds": seconds, "images_per_second": seen / train_seconds, "skipped_steps": skipped}
+        notes = [f"{skipped} step(s) skipped (non-finite)"] if skipped else []
         if svd:
+            drift, layer = orthogonality_drift(model)
+            row["orthogonality_drift"] = drift
             row.update({f"rank/{name}": r for name, r in ranks_at_energy(model, cfg.energy).items()})
+            if drift > DRIFT_WARNING:
+                notes.append(f"U, V of {layer} are {drift:.2f} from orthonormal: s are no longer its singular values")
         history.append(row)
         echo(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['loss']:.4f}  "
              f"train {row['train_accuracy']:.2f} %  test {test_acc:.2f} %  ({seconds:.0f} s, "
-             f"{row['images_per_second']:.0f} images/s)")
+             f"{row['images_per_second']:.0f} images/s)" + "".join(f"\n  warning: {n}" for n in notes))
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"non-finite parameters ({', '.join(bad[:3])}) after stage {stage.name}, epoch "
+                                f"{epoch + 1}; not saved; last good checkpoint: {_last_good(folder)}")
         if cluster.main:
             if writer is not None:
                 for key, value in row.items():
@@ -259,6 +308,35 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     if writer is not None:
         writer.close()
     return history
+
+
+def _latest_checkpoint(folder: Path, echo) -> dict | None:
+    """The newest readable epoch checkpoint (with its path), or None; an unreadable one is reported and passed over."""
+    for path in reversed(_checkpoints(folder)):
+        try:
+            saved = load_weights(path)
+            return {**saved, "path": path}
+        except CheckpointError as e:
+            echo(f"warning: {e}; using the checkpoint before it")
+    return None
+
+
+def _last_good(folder: Path) -> str:
+    return str(_checkpoints(folder)[-1]) if _checkpoints(folder) else "none in this stage (it starts from the " \
+        "previous stage's final.pt)"
+
+
+@torch.no_grad()
+def orthogonality_drift(model: nn.Module) -> tuple[float, str]:
+    """The largest entry of |UᵀU − I| or |VᵀV − I| over the SVD layers, and its layer: 0 when U and V have
+    orthonormal columns, i.e. when s are the singular values of the layer's weight and pruning them is safe."""
+    worst = (0.0, "")
+    for name, layer in svd_layers(model):
+        for factor in (layer.U, layer.V):
+            gram = factor.mT @ factor
+            eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+            worst = max(worst, ((gram - eye).abs().max().item(), name))
+    return worst
 
 
 def write_csv(path: Path, rows: list[dict]):
