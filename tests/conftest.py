@@ -76,8 +76,8 @@ def pytest_sessionfinish(session, exitstatus):
 
     areas = list(dict.fromkeys(area for area, *_ in _OBSERVED))
     lines = ["# Reliability: faults injected and bad inputs tried by the tests", "",
-             "Written by `.venv/bin/python -m pytest -q tests/test_reliability.py --reliability-doc "
-             "docs/RELIABILITY.md`; each outcome is what the test observed and asserted. "
+             "Written by `.venv/bin/python -m pytest -q tests --reliability-doc docs/RELIABILITY.md` (the whole "
+             "suite); each outcome is what the test observed and asserted. "
              f"Last written {datetime.date.today()} (torch {torch.__version__}, Python {platform.python_version()}): "
              f"{session.testscollected} tests collected, {session.testsfailed} failed.", ""]
     for area in areas:

@@ -36,15 +36,17 @@ def test_overrides_are_typed():
     ("milestones=[1.5]", "milestones"),
     ("noequals", "expected key=value"),
 ])
-def test_bad_overrides_name_the_key_and_what_is_allowed(override, message):
+def test_bad_overrides_name_the_key_and_what_is_allowed(override, message, observed):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert message in str(error.value)
+    observed("Config values", f"`{override}`", f"ConfigError: `{str(error.value)[:200]}`")
 
 
-def test_conflicting_budgets():
-    with pytest.raises(ConfigError, match="at most one"):
+def test_conflicting_budgets(observed):
+    with pytest.raises(ConfigError, match="at most one") as e:
         RunConfig(prune_flops=0.3, prune_params=0.3)
+    observed("Config values", "`prune_flops=0.3 prune_params=0.3`", f"ConfigError: `{e.value}`")
 
 
 def test_config_files_errors(tmp_path):

@@ -32,17 +32,20 @@ def test_fashion_mnist_reader(tmp_path, compress):
     assert data.test.labels.shape == (10,) and data.num_classes == 10
 
 
-def test_idx_errors_name_the_file(tmp_path):
+def test_idx_errors_name_the_file(tmp_path, observed):
     bad = tmp_path / "bad"
     bad.write_bytes(b"\x00\x00\x09\x01" + (3).to_bytes(4, "big") + b"abc")
-    with pytest.raises(DataError, match="bad magic number"):
+    with pytest.raises(DataError, match="bad magic number") as e:
         read_idx(bad)
+    observed("Data readers", "an IDX file with magic 00000901", f"DataError: `{e.value}`")
     truncated = tmp_path / "truncated"
     truncated.write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc")
-    with pytest.raises(DataError, match="truncated"):
+    with pytest.raises(DataError, match="truncated") as e:
         read_idx(truncated)
-    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist.*data_dir"):
+    observed("Data readers", "an IDX file declaring 5 bytes and holding 3", f"DataError: `{e.value}`")
+    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist.*data_dir") as e:
         load_fashion_mnist(tmp_path / "nowhere")
+    observed("Data readers", "Fashion-MNIST folder missing", f"DataError: `{e.value}`")
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -89,22 +92,25 @@ class Exploit:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_cifar_pickle_with_code_is_refused(tmp_path):
+def test_cifar_pickle_with_code_is_refused(tmp_path, observed):
     folder = write_cifar(tmp_path)
     marker = tmp_path / "pwned"
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": Exploit(str(marker)), b"labels": [1]}))
-    with pytest.raises(DataError, match="refusing to load"):
+    with pytest.raises(DataError, match="refusing to load") as e:
         load_cifar(tmp_path, 10)
     assert not marker.exists()
+    observed("Loading never runs code", "a CIFAR batch pickling a call to Path.touch",
+             f"DataError, nothing ran: `{e.value}`")
 
 
-def test_cifar_missing_and_corrupt(tmp_path):
+def test_cifar_missing_and_corrupt(tmp_path, observed):
     with pytest.raises(DataError, match="data_dir"):
         load_cifar(tmp_path, 10)
     folder = write_cifar(tmp_path)
     (folder / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match="data_batch_3: not a CIFAR python batch"):
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR python batch") as e:
         load_cifar(tmp_path, 10)
+    observed("Data readers", "a CIFAR batch file holding 'not a pickle'", f"DataError: `{e.value}`")
 
 
 def write_image_folder(root: Path, size=(20, 14)):
@@ -132,13 +138,15 @@ def test_image_folder_reader_in_memory_and_lazy(tmp_path):
     assert [x.shape for x, _ in batches] == [(4, 3, 8, 8), (2, 3, 8, 8)]
 
 
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(DataError, match="no train/ folder"):
+def test_image_folder_errors(tmp_path, observed):
+    with pytest.raises(DataError, match="no train/ folder") as e:
         load_image_folder(tmp_path, 8)
+    observed("Data readers", "an image folder without train/", f"DataError: `{e.value}`")
     write_image_folder(tmp_path)
     (tmp_path / "val" / "cat" / "0.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="cannot decode"):
+    with pytest.raises(DataError, match="cannot decode") as e:
         load_image_folder(tmp_path, 8)
+    observed("Data readers", "a .png file holding 'garbage'", f"DataError: `{e.value}`")
 
 
 def test_digits():

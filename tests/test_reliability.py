@@ -1,7 +1,7 @@
 """Reliability and security: no code runs from files, no torn files, nothing lost on a crash, clear errors.
 
 Every test here records the fault it injected (or the bad input it gave) and the outcome it observed;
-`pytest tests/test_reliability.py --reliability-doc docs/RELIABILITY.md` writes them as a table.
+`pytest tests --reliability-doc docs/RELIABILITY.md` writes them (and those of the data and config tests) as a table.
 """
 
 import errno

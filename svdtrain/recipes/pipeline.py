@@ -175,7 +175,8 @@ class Run:
         return model
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        return self.data.normalize(self.data.test.images[torch.arange(batch)]).cpu()
+        """The first `batch` test images (repeated if there are fewer), on the CPU."""
+        return self.data.normalize(self.data.test.images[torch.arange(batch) % len(self.data.test)]).cpu()
 
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
