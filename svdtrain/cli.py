@@ -13,6 +13,7 @@ The last line printed is the run folder.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,12 @@ def _bench(args, argv) -> None:
                       rank_multiple=args.rank_multiple, budget_s=args.budget_s, **kwargs)
 
 
+def _error(message: str):
+    """One line on stderr; under torchrun only rank 0 says it (every process stops with the same error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"svdtrain: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -94,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             run.check_writable()
             run_stage(run, args.command, resume=args.resume)
     except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"svdtrain: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:  # e.g. the disk filled up during the run: what was saved before is whole
-        where = f"; files saved before are intact; continue with: svdtrain run --resume {run.folder}" \
-            if run is not None and run.folder.name else ""
-        print(f"svdtrain: error: cannot write {e.filename or ''}: {e.strerror or e}{where}", file=sys.stderr)
+        where = f"; files saved before are intact; continue with: svdtrain run --resume {run.folder}" if run else ""
+        _error(f"cannot write {e.filename or ''}: {e.strerror or e}{where}")
         return 2
     except KeyboardInterrupt:
         where = f"; continue with: svdtrain run --resume {run.folder}" if run is not None else ""

@@ -1,10 +1,13 @@
 """The tool under torch.distributed: two gloo processes on the CPU, spawned here as torchrun would start them."""
 
+import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, args: list[str], dumps: str):
-    """One process of the group: the CLI, with the model each stage trained saved per rank for the test."""
+def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0_disk_full_at: int):
+    """One process of the group: the CLI, with the model each stage trained saved per rank for the test, and
+    its exit code in dumps/code-rank<r>. With `rank0_disk_full_at`, rank 0's n-th file write fails (ENOSPC)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -43,19 +47,37 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str):
         return history
 
     pipeline.fit = fit_and_dump
-    if main(args) != 0:
-        raise SystemExit(f"rank {rank}: svdtrain failed")
+    if rank == 0 and rank0_disk_full_at:
+        real, calls = os.fsync, []
+
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == rank0_disk_full_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd)
+
+        os.fsync = fsync
+    (Path(dumps) / f"code-rank{rank}").write_text(str(main(args)))
 
 
-def _spawn(args: list[str], dumps: Path, world: int = 2):
+def _spawn(args: list[str], dumps: Path, world: int = 2, rank0_disk_full_at: int = 0, timeout: float = 300) -> list[int]:
+    """Runs the group; returns each process's exit code (fails the test if they have not all ended in `timeout`)."""
     dumps.mkdir(exist_ok=True)
-    mp.spawn(_worker, args=(world, _free_port(), args, str(dumps)), nprocs=world, join=True)
+    context = mp.start_processes(_worker, args=(world, _free_port(), args, str(dumps), rank0_disk_full_at),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} processes did not end within {timeout} s")
+    return [int((dumps / f"code-rank{r}").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    _spawn(["run", *TINY, f"out_dir={root / 'runs'}"], root / "dumps")
+    assert _spawn(["run", *TINY, f"out_dir={root / 'runs'}"], root / "dumps") == [0, 0]
     (folder,) = (root / "runs").iterdir()  # one run folder: only rank 0 made it
     return folder, root / "dumps"
 
@@ -96,16 +118,33 @@ def test_two_processes_equal_one(two_process_run, tmp_path):
 
 @pytest.mark.slow
 def test_resume_under_two_processes(two_process_run, tmp_path):
-    """A finished fine-tuning stage is undone: both processes resume from rank 0's epoch checkpoint."""
-    folder, _ = two_process_run
-    before = json.loads((folder / "report.json").read_text())["final"]
-    for stage in ("finetune", "export", "report"):
-        (folder / stage / "result.json").unlink()
-    _spawn(["run", "--resume", str(folder)], tmp_path)
-    after = json.loads((folder / "report.json").read_text())["final"]
-    assert after["accuracy"] == before["accuracy"] and after["flops"] == before["flops"]
-    a, b = (torch.load(tmp_path / f"finetune-rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    """Sparsify is cut back to its epoch-1 checkpoint: both processes resume from it (rank 0 chooses it) and
+    end where the uninterrupted run ended."""
+    folder, dumps = two_process_run
+    copy = Path(shutil.copytree(folder, tmp_path / "run"))
+    (copy / "sparsify" / "epoch_002.pt").unlink()
+    for stage in ("sparsify", "prune", "finetune", "export", "report"):
+        (copy / stage / "result.json").unlink()
+    # A marker only a resume can carry over: the history is read from the checkpoint, not recomputed.
+    checkpoint = torch.load(copy / "sparsify" / "epoch_001.pt", weights_only=True)
+    checkpoint["history"][0]["test_loss"] = -1.0
+    torch.save(checkpoint, copy / "sparsify" / "epoch_001.pt")
+    assert _spawn(["run", "--resume", str(copy)], tmp_path / "dumps") == [0, 0]
+    assert (copy / "sparsify" / "log.csv").read_text().splitlines()[1].split(",")[
+        (copy / "sparsify" / "log.csv").read_text().splitlines()[0].split(",").index("test_loss")] == "-1.0"
+    for r in (0, 1):
+        resumed = torch.load(tmp_path / "dumps" / f"finetune-rank{r}.pt", weights_only=True)
+        original = torch.load(dumps / "finetune-rank0.pt", weights_only=True)
+        assert all(rel_err(resumed[k], original[k]) <= 1e-6 for k in original)
+    assert json.loads((copy / "report.json").read_text())["final"]["flops"] == \
+        json.loads((folder / "report.json").read_text())["final"]["flops"]
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_0_stops_every_process(tmp_path):
+    """Rank 0's disk fills up while it saves a checkpoint: both processes end with the error, none waits."""
+    codes = _spawn(["run", *TINY, f"out_dir={tmp_path / 'runs'}"], tmp_path / "dumps", rank0_disk_full_at=5)
+    assert codes == [2, 2]
 
 
 @pytest.mark.slow

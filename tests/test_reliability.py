@@ -177,7 +177,8 @@ def test_disk_full_mid_run_loses_nothing(finished, tmp_path, capsys, monkeypatch
     assert len(err.strip().splitlines()) == 1
     (folder,) = tmp_path.iterdir()
     assert_no_torn_files(folder)
-    assert main(["run", "--resume", str(folder)]) == 0
+    code, out, _ = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0 and "== train: done" in out and "[sparsify] resuming after epoch" in out
     assert outcome(folder) == outcome(finished)
     observed("Nothing is lost on a crash", "the disk fills up at the 10th file written (mid-sparsify), then "
              "--resume", f"exit 2 `{err.strip()[:120]}…`; no torn file; the resumed run equals the uninterrupted one")
@@ -203,28 +204,34 @@ sys.exit(main(sys.argv[3:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, pattern, moment", [
-    ("fsync", "sparsify/.epoch_002.pt", "mid-save: an epoch checkpoint's temporary file written, not renamed"),
-    ("replace", "train/result.json", "between stages: train's weights saved, its result.json not yet"),
-    ("replace", "prune/final.pt", "in the prune stage, before its weights are renamed into place"),
-    ("replace", "export/model.pt2", "mid-export: model.pt written, model.pt2 not yet"),
+@pytest.mark.parametrize("kind, pattern, moment, resumed", [
+    ("fsync", "sparsify/.epoch_002.pt", "mid-save: an epoch checkpoint's temporary file written, not renamed",
+     "[sparsify] resuming after epoch 1"),
+    ("replace", "train/result.json", "between stages: train's weights saved, its result.json not yet",
+     "[train] resuming after epoch 1"),
+    ("replace", "prune/final.pt", "in the prune stage, before its weights are renamed into place",
+     "== sparsify: done"),
+    ("replace", "export/model.pt2", "mid-export: model.pt written, model.pt2 not yet", "== finetune: done"),
 ])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, pattern, moment, finished, tmp_path, observed):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, pattern, moment, resumed, finished, tmp_path, capsys,
+                                                         observed):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", _KILLER, kind, pattern, "run", *TINY_RUN, f"out_dir={tmp_path}"],
                           env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     (folder,) = tmp_path.iterdir()
     assert not (folder / "report.json").exists()
-    assert main(["run", "--resume", str(folder)]) == 0
+    code, out, _ = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0 and resumed in out
     assert_no_torn_files(folder)
     assert outcome(folder) == outcome(finished)
-    observed("Nothing is lost on a crash", f"SIGKILL {moment}, then --resume", "same final accuracy, FLOPs, "
-             "parameters, ranks and stage accuracies as the uninterrupted run; no torn or temporary file left")
+    observed("Nothing is lost on a crash", f"SIGKILL {moment}, then --resume", f"continued from there "
+             f"(`{resumed}`); same final accuracy, FLOPs, parameters, ranks and stage accuracies as the "
+             "uninterrupted run; no torn or temporary file left")
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume(finished, tmp_path, observed):
+def test_sigkill_mid_epoch_then_resume(finished, tmp_path, capsys, observed):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "svdtrain.cli", "run", *TINY_RUN, "sparsify_epochs=2",
                              f"out_dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -235,7 +242,8 @@ def test_sigkill_mid_epoch_then_resume(finished, tmp_path, observed):
     proc.wait()
     (folder,) = tmp_path.iterdir()
     assert not (folder / "sparsify" / "result.json").exists()
-    assert main(["run", "--resume", str(folder)]) == 0
+    code, out, _ = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0 and "== train: done" in out and "[sparsify] resuming after epoch 1" in out
     assert outcome(folder) == outcome(finished)
     observed("Nothing is lost on a crash", "SIGKILL during sparsify epoch 2 (timed from outside), then --resume",
              "resumed after epoch 1; same final numbers as the uninterrupted run")

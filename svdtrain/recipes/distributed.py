@@ -14,7 +14,9 @@ system they share, as resuming does.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,33 @@ class Cluster:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def on_main(self, fn):
+        """`fn()` on rank 0 alone; its result, or the exception it raised, on every process, so that a failure
+        on rank 0 (a full disk, a bad file) stops all processes with the same error instead of leaving the
+        others waiting in a collective."""
+        outcome = None
+        if self.main:
+            try:
+                outcome = (fn(), None)
+            except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
+                outcome = (None, e)
+                if self.world > 1:
+                    try:
+                        pickle.dumps(e)
+                    except Exception:  # noqa: BLE001 -- an exception that cannot travel: send its text
+                        outcome = (None, RuntimeError(str(e)))
+        value, error = self.broadcast(outcome)
+        if error is not None:
+            raise error
+        return value
+
+    def sync_buffers(self, model: nn.Module):
+        """Rank 0's buffers (batch-norm statistics) on every process: DDP copies them at the start of each
+        forward, so after the last step each process holds the statistics of its own share."""
+        if self.world > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` under DistributedDataParallel (which starts by copying rank 0's parameters to all)."""
         if self.world == 1:
@@ -77,7 +106,9 @@ def start(device: str = "auto") -> Cluster:
     if world == 1:
         return Cluster(device=target)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        # The other processes wait while rank 0 alone prunes, exports (timing layers) and reports; allow an
+        # hour for that instead of NCCL's 10-minute default.
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timedelta(hours=1))
     return Cluster(dist.get_rank(), dist.get_world_size(), target)
 
 

@@ -8,6 +8,7 @@ interrupted one from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -55,9 +56,10 @@ class Run:
         """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
         run = cls(Path(), cfg, echo)
         run.preflight()  # bad data, model, checkpoint or budget: an error now, and no folder
-        run.check_writable(Path(cfg.out_dir))
-        if run.cluster.main:
+
+        def make_folder() -> Path:
             out = Path(cfg.out_dir)
+            _check_writable(out, run.space_needed())
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for i in range(1000):
                 folder = out / (f"{cfg.name}-{stamp}" + (f"-{i}" if i else ""))
@@ -66,13 +68,19 @@ class Run:
                     break
                 except FileExistsError:
                     continue
-            run.folder = folder
-            run.save_config()
-        run.folder = run.cluster.broadcast(run.folder)
+            try:
+                write_atomic(folder / "config.json", run.config_json())
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # no folder without its config
+                raise
+            return folder
+
+        run.folder = run.cluster.on_main(make_folder)
         return run
 
     @classmethod
-    def open(cls, folder: Path, overrides: dict | None = None, echo=print) -> "Run":
+    def open(cls, folder: Path, overrides: dict | None = None, echo=print, save: bool = True) -> "Run":
+        """An existing run folder; `overrides` change its config (and are saved into it unless save=False)."""
         folder = Path(folder)
         path = folder / "config.json"
         if not path.is_file():
@@ -80,22 +88,25 @@ class Run:
         values = json.loads(path.read_text())
         check_keys(values)
         run = cls(folder, RunConfig(**values).replace(**(overrides or {})), echo)
-        if overrides:
+        if overrides and save:
             run.save_config()
+        return run
+
+    def alone(self) -> "Run":
+        """This run as a single process (for the stages rank 0 runs alone: no collective may be called there)."""
+        run = copy.copy(self)
+        run.cluster = Cluster(device=self.cluster.device)
         return run
 
     def write(self, name: str, text: str):
         """folder/name, atomically, by rank 0."""
-        if self.cluster.main:
-            write_atomic(self.folder / name, text)
+        self.cluster.on_main(lambda: write_atomic(self.folder / name, text))
 
     def preflight(self):
         """What would otherwise fail hours later: the data loads, the model builds and takes its images, the
         dense checkpoint fits it, it has layers to decompose, and a FLOPs / params budget is reachable."""
         cfg, example = self.cfg, self.example_input(2)
-        model = self.dense_model().eval()
-        if cfg.dense_checkpoint:
-            load_into(model, load_weights(Path(cfg.dense_checkpoint)), f"dense_checkpoint {cfg.dense_checkpoint}")
+        model = self.starting_model().eval()
         try:
             with torch.no_grad():
                 model(example)
@@ -108,18 +119,22 @@ class Run:
                 knob = {"flops": cfg.prune_flops} if cfg.prune_flops else {"params": cfg.prune_params}
                 svdtrain.prune_(model, **knob, example_inputs=example[:1], min_rank=cfg.min_rank)
 
-    def check_writable(self, folder: Path | None = None):
-        """An error now, not after hours of training, when the run folder (or `folder`, where it will be made)
-        cannot take the run's files. Bytes needed at most: per training stage its kept epoch checkpoints
-        (weights + optimizer state, up to 3× the weights) and final.pt; three exports; 50 MB of logs and plots."""
-        if not self.cluster.main:
-            return
+    def space_needed(self) -> int:
+        """Bytes a run writes at most: per training stage its kept epoch checkpoints plus the one being saved
+        (weights + optimizer state, up to 3× the weights) and final.pt; prune's final.pt; three exports;
+        50 MB of logs and plots."""
         weights = sum(t.numel() * t.element_size() for t in self.dense_model().state_dict().values())
-        _check_writable(folder or self.folder, 3 * (3 * self.cfg.keep_checkpoints + 1) * weights + 3 * weights
-                        + 50 * 2**20)
+        return 3 * (3 * (self.cfg.keep_checkpoints + 1) + 1) * weights + 4 * weights + 50 * 2**20
+
+    def check_writable(self):
+        """An error now, not after hours of training, when the run folder cannot take the run's files."""
+        self.cluster.on_main(lambda: _check_writable(self.folder, self.space_needed()))
+
+    def config_json(self) -> str:
+        return json.dumps(self.cfg.to_dict(), indent=2) + "\n"
 
     def save_config(self):
-        self.write("config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        self.write("config.json", self.config_json())
 
     @cached_property
     def data(self) -> Dataset:
@@ -140,17 +155,27 @@ class Run:
         return json.loads(path.read_text())
 
     def finish(self, stage: str, result: dict, model: nn.Module | None = None):
-        if not self.cluster.main:
-            return
-        if model is not None:
-            save_atomic(model.state_dict(), self.stage_dir(stage) / "final.pt")
-        write_atomic(self.stage_dir(stage) / "result.json", json.dumps(result, indent=2) + "\n")
+        """The stage's weights (final.pt), then its result.json: a stage with a result.json is done."""
+        def save():
+            if model is not None:
+                save_atomic(model.state_dict(), self.stage_dir(stage) / "final.pt")
+            write_atomic(self.stage_dir(stage) / "result.json", json.dumps(result, indent=2) + "\n")
+
+        self.cluster.on_main(save)
 
     # --- models
     def dense_model(self) -> nn.Module:
         torch.manual_seed(self.cfg.seed)
         c, h, _ = self.data.image_shape
         return build_model(self.cfg.model, self.data.num_classes, c, h, self.cfg.bottleneck)
+
+    def starting_model(self) -> nn.Module:
+        """The dense model, with the weights of `dense_checkpoint` when one is given."""
+        model = self.dense_model()
+        if self.cfg.dense_checkpoint:
+            path = self.cfg.dense_checkpoint
+            load_into(model, load_weights(Path(path)), f"dense_checkpoint {path}")
+        return model
 
     def svd_config(self, init: str = "svd") -> svdtrain.SVDConfig:
         return svdtrain.SVDConfig(decomposition=self.cfg.decomposition, init=init,
@@ -179,7 +204,9 @@ class Run:
         return self.data.normalize(self.data.test.images[torch.arange(batch) % len(self.data.test)]).cpu()
 
     def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
+        """Test accuracy of `model`, evaluated (as a copy) on the run's device, where the data is."""
+        on_device = copy.deepcopy(model).to(self.cluster.device)
+        return evaluate(on_device, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
 
     def fit(self, model: nn.Module, stage: str, epochs: int, lr: float, lambda_o: float, lambda_s: float,
             **trp) -> float:
@@ -220,9 +247,7 @@ def spectra(model: nn.Module) -> dict[str, list[float]]:
 def stage_train(run: Run) -> dict:
     """Dense training, or SVD form from scratch with orthogonality only; or start from a dense checkpoint."""
     cfg = run.cfg
-    model = run.dense_model()
-    if cfg.dense_checkpoint:
-        load_into(model, load_weights(Path(cfg.dense_checkpoint)), f"dense_checkpoint {cfg.dense_checkpoint}")
+    model = run.starting_model()
     form = "svd" if cfg.train_mode == "svd" else "dense"
     if form == "svd":
         run.decompose(model, init="svd" if cfg.dense_checkpoint else "random")
@@ -348,9 +373,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
     return str(path.name)
 
 
-def load_exported(run_folder: Path) -> nn.Module:
-    """The exported plain model of a run, rebuilt from config.json, layout.json and model.pt (no code unpickled)."""
-    run = Run.open(run_folder)
+def load_exported(run_folder: Path, run: Run | None = None) -> nn.Module:
+    """The exported plain model of a run, on the CPU, rebuilt from config.json, layout.json and model.pt (no code
+    unpickled); works on a machine without the GPU the run trained on. `run`: that run, already open."""
+    run = run or Run.open(run_folder, {"device": "cpu"}, save=False)
     layout = json.loads((run.stage_dir("export") / "layout.json").read_text())
     state = load_weights(run.stage_dir("export") / "model.pt")
     model = run.dense_model()
@@ -377,20 +403,22 @@ RANK0_STAGES = ("prune", "export", "report")
 
 def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
     """Run one stage; without `resume` its folder is cleared first (a fresh start of that stage)."""
-    cluster = run.cluster
-    if cluster.main:
+    def prepare():
         if not resume and run.stage_dir(stage).exists():
             shutil.rmtree(run.stage_dir(stage))
         run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
         for leftover in [*run.folder.glob(".*.tmp"), *run.stage_dir(stage).glob(".*.tmp")]:
             leftover.unlink()  # a temporary file a crash left mid-save; the file it was to replace is whole
-    cluster.barrier()  # no process reads a stage folder rank 0 is still clearing
+
+    run.cluster.on_main(prepare)  # and no process reads the folder before it is ready
     if run.cfg.threads:
         torch.set_num_threads(run.cfg.threads)
     run.echo(f"== {stage}")
-    result = STAGE_FUNCTIONS[stage](run) if cluster.main or stage not in RANK0_STAGES else None
-    cluster.barrier()  # what the stage wrote is complete before any process reads it
-    return result if result is not None else run.result(stage)
+    if stage in RANK0_STAGES:
+        return run.cluster.on_main(lambda: STAGE_FUNCTIONS[stage](run.alone()))
+    result = STAGE_FUNCTIONS[stage](run)
+    run.cluster.barrier()  # what the stage wrote is complete before any process reads it
+    return result
 
 
 def run_all(run: Run, resume: bool = False) -> dict:

@@ -70,7 +70,7 @@ def write_report(run) -> dict:
     cfg = run.cfg
     example = run.example_input()
     dense = run.dense_model().eval()
-    small = load_exported(run.folder)
+    small = load_exported(run.folder, run)
     exported = run.result("export")
     train = run.result("train")
     latency = measure_latency({"dense": dense, "final": small}, example, cfg.latency_repeats)

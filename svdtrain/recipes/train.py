@@ -144,10 +144,12 @@ def evaluate(model: nn.Module, data: Dataset, split: Split, cfg: RunConfig,
 
 
 def _on(device: torch.device, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.to(device, non_blocking=True)
+    # Asynchronous only towards the GPU: a copy to the CPU could be read before it has landed.
+    asynchronous = device.type == "cuda"
+    x = x.to(device, non_blocking=asynchronous)
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    return x, y.to(device, non_blocking=asynchronous)
 
 
 def ranks_at_energy(model: nn.Module, energy: float) -> dict[str, int]:
@@ -196,11 +198,21 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     gradients, so the processes stay identical, and only rank 0 writes. Returns the per-epoch history
     (also written to folder/log.csv and TensorBoard).
     """
-    if cluster.main:
+    def newest_readable_checkpoint() -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
-    history, start, saved = [], 0, _latest_checkpoint(folder, echo)
-    if saved is not None:
-        load_into(model, saved["model"], f"checkpoint {saved['path']}")
+        for path in reversed(_checkpoints(folder)):
+            try:
+                load_weights(path)
+                return path
+            except CheckpointError as e:
+                echo(f"warning: {e}; using the checkpoint before it")
+        return None
+
+    history, start, saved = [], 0, None
+    path = cluster.on_main(newest_readable_checkpoint)  # rank 0 decides, so every process resumes alike
+    if path is not None:
+        saved = load_weights(path)
+        load_into(model, saved["model"], f"checkpoint {path}")
         history, start = saved["history"], saved["epoch"]
         echo(f"[{stage.name}] resuming after epoch {start}")
     model.to(cluster.device)
@@ -270,6 +282,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             raise TrainingError(f"every step of stage {stage.name}, epoch {epoch + 1} had a non-finite loss or "
                                 f"gradient; last good checkpoint: {_last_good(folder)}")
         train_seconds = time.perf_counter() - started
+        cluster.sync_buffers(model)  # every process evaluates (and rank 0 saves) the same batch-norm statistics
         test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg, cluster)
         seconds = time.perf_counter() - started
         means = {"task_loss": task / seen, "orthogonality": ortho / seen, "sparsity": sparse / seen,
@@ -294,7 +307,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         if bad:
             raise TrainingError(f"non-finite parameters ({', '.join(bad[:3])}) after stage {stage.name}, epoch "
                                 f"{epoch + 1}; not saved; last good checkpoint: {_last_good(folder)}")
-        if cluster.main:
+
+        def save_epoch():
             if writer is not None:
                 for key, value in row.items():
                     if key not in ("stage", "epoch"):
@@ -305,20 +319,11 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             for old in _checkpoints(folder)[:-cfg.keep_checkpoints]:
                 old.unlink()
             write_csv(folder / "log.csv", history)
+
+        cluster.on_main(save_epoch)  # a failed save (a full disk) stops every process, not only rank 0
     if writer is not None:
         writer.close()
     return history
-
-
-def _latest_checkpoint(folder: Path, echo) -> dict | None:
-    """The newest readable epoch checkpoint (with its path), or None; an unreadable one is reported and passed over."""
-    for path in reversed(_checkpoints(folder)):
-        try:
-            saved = load_weights(path)
-            return {**saved, "path": path}
-        except CheckpointError as e:
-            echo(f"warning: {e}; using the checkpoint before it")
-    return None
 
 
 def _last_good(folder: Path) -> str:
