@@ -174,6 +174,19 @@ def test_batches_are_a_seeded_permutation():
     assert sum(1 for _ in data.batches(data.train, 16, max_batches=2)) == 2
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_shares_of_a_batch_make_the_whole_batch(world):
+    """Under torchrun each process takes every world-th image of each batch; together, with augmentation,
+    they are exactly one process's batches."""
+    data = make_synthetic(n_train=50)
+    whole = list(data.batches(data.train, 16, torch.Generator().manual_seed(3), augment=True))
+    shares = [list(data.batches(data.train, 16, torch.Generator().manual_seed(3), augment=True, rank=r, world=world))
+              for r in range(world)]
+    for i, (x, y) in enumerate(whole):
+        for r in range(world):
+            assert torch.equal(shares[r][i][0], x[r::world]) and torch.equal(shares[r][i][1], y[r::world])
+
+
 def test_unknown_data_set():
     with pytest.raises(DataError, match="allowed"):
         load_dataset("mnist")

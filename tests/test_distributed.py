@@ -30,9 +30,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0_disk_full_at: int):
+def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0_disk_full_at: int,
+            rank1_nan_at: int):
     """One process of the group: the CLI, with the model each stage trained saved per rank for the test, and
-    its exit code in dumps/code-rank<r>. With `rank0_disk_full_at`, rank 0's n-th file write fails (ENOSPC)."""
+    its exit code in dumps/code-rank<r>. With `rank0_disk_full_at`, rank 0's n-th file write fails (ENOSPC);
+    with `rank1_nan_at`, rank 1's n-th training forward gets a NaN input."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -47,6 +49,22 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0
         return history
 
     pipeline.fit = fit_and_dump
+    if rank == 1 and rank1_nan_at:
+        build, calls = pipeline.build_model, []
+
+        def poisoned(*a, **k):
+            model = build(*a, **k)
+
+            def hook(module, inputs):
+                if module.training:
+                    calls.append(1)
+                    if len(calls) == rank1_nan_at:
+                        return (inputs[0] * float("nan"),)
+
+            model.register_forward_pre_hook(hook)
+            return model
+
+        pipeline.build_model = poisoned
     if rank == 0 and rank0_disk_full_at:
         real, calls = os.fsync, []
 
@@ -60,11 +78,12 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0
     (Path(dumps) / f"code-rank{rank}").write_text(str(main(args)))
 
 
-def _spawn(args: list[str], dumps: Path, world: int = 2, rank0_disk_full_at: int = 0, timeout: float = 300) -> list[int]:
+def _spawn(args: list[str], dumps: Path, world: int = 2, rank0_disk_full_at: int = 0, rank1_nan_at: int = 0,
+           timeout: float = 300) -> list[int]:
     """Runs the group; returns each process's exit code (fails the test if they have not all ended in `timeout`)."""
     dumps.mkdir(exist_ok=True)
-    context = mp.start_processes(_worker, args=(world, _free_port(), args, str(dumps), rank0_disk_full_at),
-                                 nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(_worker, args=(world, _free_port(), args, str(dumps), rank0_disk_full_at,
+                                                rank1_nan_at), nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + timeout
     while not context.join(timeout=1):
         if time.time() > deadline:
@@ -141,10 +160,30 @@ def test_resume_under_two_processes(two_process_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failure_on_rank_0_stops_every_process(tmp_path):
-    """Rank 0's disk fills up while it saves a checkpoint: both processes end with the error, none waits."""
+def test_a_failure_on_rank_0_stops_every_process(tmp_path, observed):
+    """Rank 0's disk fills up while it saves a stage's weights: both processes end with the error, none waits."""
     codes = _spawn(["run", *TINY, f"out_dir={tmp_path / 'runs'}"], tmp_path / "dumps", rank0_disk_full_at=5)
     assert codes == [2, 2]
+    observed("Several processes (torchrun, 2 gloo processes)", "rank 0's disk fills up while it saves train's "
+             "final.pt", "both processes exit 2 with the error; none is left waiting")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, codes", [("stop", [2, 2]), ("skip", [0, 0])])
+def test_a_nan_on_one_process_is_handled_alike_on_all(mode, codes, tmp_path, observed):
+    """A NaN in rank 1's share of one step: DDP averages it into every process's gradients, so both stop (or
+    both skip that step and stay identical)."""
+    assert _spawn(["run", *TINY, f"on_nonfinite={mode}", f"out_dir={tmp_path / 'runs'}"], tmp_path / "dumps",
+                  rank1_nan_at=9 + 3) == codes
+    if mode == "skip":
+        a, b = (torch.load(tmp_path / "dumps" / f"finetune-rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
+        (folder,) = (tmp_path / "runs").iterdir()
+        header, first = ((folder / "sparsify" / "log.csv").read_text().splitlines()[i].split(",") for i in (0, 1))
+        assert float(first[header.index("skipped_steps")]) == 1
+    observed("Several processes (torchrun, 2 gloo processes)", f"a NaN in rank 1's share of sparsify epoch 1, "
+             f"step 3, on_nonfinite={mode}", "both processes exit 2" if mode == "stop" else
+             "both skip the same step (skipped_steps = 1) and end with identical, finite weights")
 
 
 @pytest.mark.slow
