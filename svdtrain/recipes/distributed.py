@@ -13,6 +13,7 @@ system they share, as resuming does.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from dataclasses import dataclass
@@ -114,4 +115,10 @@ def start(device: str = "auto") -> Cluster:
 
 def stop():
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # DDP wrappers of finished stages (kept alive by reference cycles, or by an error's traceback) must go
+        # while the group exists: destroyed during interpreter shutdown they abort the process (SIGABRT).
+        gc.collect()
+        try:
+            dist.barrier()  # no process tears its connections down while another still uses them
+        finally:
+            dist.destroy_process_group()
