@@ -115,11 +115,15 @@ class _LatencyTables:
         self.whole_dense = median_ms({"dense": runner(dense, x, backend)})["dense"]
         self.rest = max(0.0, self.whole_dense - dense_sum)
 
+    def layer_ms(self, i: int, rank: int) -> float:
+        """Layer i in the form the latency export picks at `rank`: the faster of dense and thin pair."""
+        dense, thin = self.tables[i]
+        return min(dense, _interpolate(thin, rank))
+
     def __call__(self, ranks: list[int] | None) -> float:
-        total = self.rest
-        for i, (dense, thin) in enumerate(self.tables):
-            total += dense if ranks is None else min(dense, _interpolate(thin, ranks[i]))
-        return total
+        if ranks is None:
+            return self.rest + sum(dense for dense, _ in self.tables)
+        return self.rest + sum(self.layer_ms(i, rank) for i, rank in enumerate(ranks))
 
 
 def _truncated(layer, rank: int):
@@ -150,11 +154,7 @@ def _greedy_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], curre
     ranks = list(current)
     removed = [t.max(dim=0).values if t.dim() > 1 else t for t in tails]  # per layer: energy removed at rank k
     floor = [max(1, min(min_rank, r)) for r in current]
-
-    def layer_ms(i: int, rank: int) -> float:
-        dense, thin = tables.tables[i]
-        return min(dense, _interpolate(thin, rank))
-
+    layer_ms = tables.layer_ms
     while tables(ranks) > budget_ms:
         best = None
         for i, rank in enumerate(ranks):
@@ -266,21 +266,21 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
     if knob == "latency":
         new_ranks = _greedy_for_latency(cost.latency, tails, current, fraction * dense["latency"], multiple, min_rank)
         energy = None
-    elif fraction is not None:
-        budget = fraction * dense[knob]
-        smallest = cost(ranks_at(math.nextafter(1.0, 0.0)))[knob] / dense[knob]
-        if smallest > fraction:
-            raise ValueError(f"{knob}={fraction} is impossible: with every layer at min_rank={min_rank} "
-                             f"(rank_multiple={multiple}) the export still has {smallest:.4f} of the dense model's "
-                             f"{knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1, or a lower min_rank")
-        # Cost only falls as the energy knob rises, and ranks only change where the knob
-        # crosses some layer's tail energy: bisect over those values for the least pruning.
-        values = torch.cat([t[..., 1:].flatten() for t in tails]).unique()
-        candidates = [0.0] + values[(values > 0) & (values < 1)].tolist()
-        first_fit = bisect.bisect_left(range(len(candidates)), True,
-                                       key=lambda i: cost(ranks_at(candidates[i]))[knob] <= budget)
-        energy = candidates[first_fit] if first_fit < len(candidates) else math.nextafter(1.0, 0.0)
-    if knob != "latency":
+    else:
+        if fraction is not None:
+            budget = fraction * dense[knob]
+            smallest = cost(ranks_at(math.nextafter(1.0, 0.0)))[knob] / dense[knob]
+            if smallest > fraction:
+                raise ValueError(f"{knob}={fraction} is impossible: with every layer at min_rank={min_rank} "
+                                 f"(rank_multiple={multiple}) the export still has {smallest:.4f} of the dense model's "
+                                 f"{knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1, or a lower min_rank")
+            # Cost only falls as the energy knob rises, and ranks only change where the knob
+            # crosses some layer's tail energy: bisect over those values for the least pruning.
+            values = torch.cat([t[..., 1:].flatten() for t in tails]).unique()
+            candidates = [0.0] + values[(values > 0) & (values < 1)].tolist()
+            first_fit = bisect.bisect_left(range(len(candidates)), True,
+                                           key=lambda i: cost(ranks_at(candidates[i]))[knob] <= budget)
+            energy = candidates[first_fit] if first_fit < len(candidates) else math.nextafter(1.0, 0.0)
         new_ranks = ranks_at(energy)
     report = PruneReport(energy=energy, dense_flops=dense["flops"], flops_before=before["flops"],
                          dense_params=dense["params"], params_before=before["params"])

@@ -18,6 +18,7 @@ from svdtrain.latency import runner, timings, timings_for
 
 from .models import build_model, resnet20
 from .report import write_section
+from .train import write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,7 @@ def overhead(rounds: int = 15, steps: int = 3, batch: int = 128, threads: int = 
     print(f"SVD-form step / dense step: median {result['ratio_median']:.3f} (IQR {q[0]:.3f}–{q[2]:.3f}, "
           f"min {min(ratios):.3f}, max {max(ratios):.3f}) over {rounds} rounds")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     if results is not None:
         write_section(results, "train_overhead", "\n".join([
             "## Training-step overhead of the SVD form (`svdtrain bench overhead`)",
@@ -188,7 +189,7 @@ def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35
                                            "efficiency": r["efficiency"]} for r in bar},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     if results is not None:
         write_section(results, "latency", _latency_markdown(result))
     return result
