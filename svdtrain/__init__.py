@@ -1,6 +1,6 @@
 """svdtrain: make any PyTorch model low-rank by SVD training.
 
-decompose_ → train with orthogonality_loss + sparsity_loss → prune_ → fine-tune → export.
+decompose_ → train with orthogonality_loss + sparsity_loss → prune_ (→ recalibrate_bn) → fine-tune → export.
 """
 
 from .config import SVDConfig
@@ -8,6 +8,7 @@ from .decompose import decompose_
 from .export import export, export_layout, rebuild
 from .layers import SVDConv, SVDLinear
 from .prune import prune_
+from .recalibrate import recalibrate_bn
 from .regularizers import orthogonality_loss, sparsity_loss
 from .stats import count_flops, count_params, summary
 
@@ -25,6 +26,7 @@ __all__ = [
     "orthogonality_loss",
     "prune_",
     "rebuild",
+    "recalibrate_bn",
     "sparsity_loss",
     "summary",
 ]

@@ -49,6 +49,15 @@ def test_conflicting_budgets(observed):
     observed("Config values", "`prune_flops=0.3 prune_params=0.3`", f"ConfigError: `{e.value}`")
 
 
+def test_gradual_cuts_need_svd_and_a_budget(observed):
+    with pytest.raises(ConfigError, match="prune_cuts=4 needs method=svd and a budget") as e:
+        RunConfig(prune_cuts=4)
+    observed("Config values", "`prune_cuts=4` without a budget", f"ConfigError: `{e.value}`")
+    with pytest.raises(ConfigError, match="needs method=svd"):
+        RunConfig(prune_cuts=4, prune_flops=0.3, method="trp")
+    assert RunConfig(prune_cuts=4, prune_params=0.3).prune_cuts == 4
+
+
 def test_config_files_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("lr = [unclosed")

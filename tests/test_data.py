@@ -190,3 +190,30 @@ def test_shares_of_a_batch_make_the_whole_batch(world):
 def test_unknown_data_set():
     with pytest.raises(DataError, match="allowed"):
         load_dataset("mnist")
+
+
+def test_validation_split_is_cut_from_the_training_images_and_disjoint_from_them():
+    data = make_synthetic(n_train=256, n_test=64)
+    held = data.held_out(56)
+    assert held.eval_split == "validation" and data.eval_split == "test"
+    assert len(held.train) == 200 and len(held.test) == 56
+    # Exactly the original training images, split in two: the last 56 are evaluation, the rest training.
+    assert torch.equal(torch.cat([held.train.images, held.test.images]), data.train.images)
+    assert torch.equal(torch.cat([held.train.labels, held.test.labels]), data.train.labels)
+    train_rows = {bytes(x.numpy()) for x in held.train.images}
+    assert not any(bytes(x.numpy()) in train_rows for x in held.test.images)  # no image on both sides
+    assert held.train.subset(100).images.shape[0] == 100  # train_subset takes from the kept part
+    assert data.held_out(0) is data
+    with pytest.raises(DataError, match="val_subset=256 leaves no training images"):
+        data.held_out(256)
+
+
+def test_a_run_with_val_subset_never_reads_the_test_set(tmp_path):
+    from svdtrain.recipes.config import RunConfig
+    from svdtrain.recipes.pipeline import Run
+
+    run = Run(tmp_path, RunConfig(data="synthetic", val_subset=40, train_subset=100))
+    full = load_dataset("synthetic")
+    assert torch.equal(run.data.test.images, full.train.images[-40:])
+    assert torch.equal(run.data.train.images, full.train.images[:-40])
+    assert not torch.equal(run.data.test.images[:len(full.test)], full.test.images[:40])

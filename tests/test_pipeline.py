@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import svdtrain
+
 from conftest import rel_err
 from svdtrain.cli import main
 from svdtrain.recipes.data import FASHION_MNIST_DIR
@@ -134,3 +136,34 @@ def test_latency_strategy_export_from_the_cli(tmp_path, capsys):
     x = run.example_input(2)
     with torch.no_grad():
         assert rel_err(small(x), run.model_after("finetune").eval()(x)) <= 1e-5
+
+
+def test_cut_schedule_spreads_the_cuts_and_ends_at_the_last_step():
+    from svdtrain.recipes.train import cut_schedule
+
+    assert cut_schedule(2, 10, 4) == {5: 0.25, 10: 0.5, 15: 0.75, 20: 1.0}
+    assert cut_schedule(1, 3, 8)[3] == 1.0 and len(cut_schedule(1, 3, 8)) == 3  # more cuts than steps: merged
+    assert cut_schedule(2, 10, 0) == {}
+
+
+def test_gradual_cuts_reach_the_budget_at_the_end_of_sparsify(tmp_path, capsys):
+    """prune_cuts: ranks fall during sparsify on the cubic schedule; after its last step the model is at the
+    FLOPs budget, so the prune stage has nothing left to cut; batch-norm recalibration then runs there."""
+    code, out, _ = run_cli(["run", *SYNTHETIC, "prune_flops=0.4", "prune_cuts=4", "bn_recalibrate=128",
+                            "onnx=false", f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    folder = Path(out.strip().splitlines()[-1])
+    fractions = [float(line.split("FLOPs ")[1].split()[0]) for line in out.splitlines() if "rank cut at" in line]
+    assert len(fractions) >= 3 and fractions == sorted(fractions, reverse=True)  # falling step by step
+    expected = [0.4 + 0.6 * (1 - p) ** 3 for p in (0.25, 0.5, 0.75, 1.0)]  # the cubic schedule's targets
+    assert all(f <= e + 1e-9 for f, e in zip(fractions[::-1], expected[::-1]))
+    run = Run.open(folder)
+    sparsified = run.model_after("sparsify")
+    x = run.example_input()
+    dense_flops = svdtrain.count_flops(run.dense_model(), x)
+    assert 0.37 <= svdtrain.count_flops(svdtrain.export(sparsified, x), x) / dense_flops <= 0.4
+    report = json.loads((folder / "prune" / "prune_report.json").read_text())
+    assert all(r["rank_before"] == r["rank_after"] for r in report["layers"])  # the budget was already reached
+    pruned = json.loads((folder / "prune" / "result.json").read_text())
+    assert "accuracy_before_bn_recalibration" in pruned
+    assert "batch-norm statistics re-estimated on 128 training images" in out

@@ -48,6 +48,9 @@ class RunConfig:
     data_dir: str = ""  # empty: the data set's default folder
     train_subset: int = field(default=30000, metadata=_range(0, doc="first N training images; 0 = all"))
     test_subset: int = field(default=0, metadata=_range(0, doc="first N test images; 0 = all"))
+    val_subset: int = field(default=0, metadata=_range(0, doc=(
+        "hold out the last N training images and evaluate on them instead of the test set (for choosing "
+        "settings); 0 = evaluate on the test set")))
     image_size: int = field(default=0, metadata=_range(0, doc="image folders / synthetic only; 0 = default"))
     augment: bool = True  # random crop with padding + horizontal flip
     # --- model
@@ -67,6 +70,12 @@ class RunConfig:
     prune_flops: float = field(default=0.0, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
     prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
     min_rank: int = field(default=1, metadata=_range(1))
+    prune_cuts: int = field(default=0, metadata=_range(0, doc=(
+        "svd: cut ranks toward prune_flops / prune_params this many times during sparsify, on a cubic schedule "
+        "ending at the budget; 0 = one cut in the prune stage (the paper)")))
+    bn_recalibrate: int = field(default=0, metadata=_range(0, doc=(
+        "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "
+        "many training images; 0 = off")))
     trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
     trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
     trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,
@@ -117,6 +126,9 @@ class RunConfig:
             raise ConfigError(f"method={self.method} starts from a dense model; allowed: train_mode=dense")
         if self.method == "filter_pruning" and not self.prune_flops:
             raise ConfigError("method=filter_pruning needs prune_flops=FRACTION (the FLOPs budget of the pruned model)")
+        if self.prune_cuts and (self.method != "svd" or not (self.prune_flops or self.prune_params)):
+            raise ConfigError(f"prune_cuts={self.prune_cuts} needs method=svd and a budget to cut toward; allowed: "
+                              "prune_flops=FRACTION or prune_params=FRACTION, or prune_cuts=0")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(f"milestones={self.milestones}: allowed: fractions of a stage's epochs, each in (0, 1)")
 

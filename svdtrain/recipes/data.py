@@ -55,6 +55,7 @@ class Dataset:
     std: tuple[float, ...]
     crop_padding: int  # random-crop padding for augmentation (0 = no crop)
     flip: bool  # random horizontal flips for augmentation
+    eval_split: str = "test"  # what `test` holds: the test set, or a validation split cut from the training images
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -68,6 +69,19 @@ class Dataset:
 
     def to(self, device: torch.device) -> "Dataset":
         return dataclasses.replace(self, train=self.train.to(device), test=self.test.to(device))
+
+    def held_out(self, n: int) -> "Dataset":
+        """The last `n` training images become the evaluation split in place of the test set, and are removed
+        from training: settings are chosen on them, and the test set is left for the final figure."""
+        if n <= 0:
+            return self
+        if n >= len(self.train):
+            raise DataError(f"val_subset={n} leaves no training images ({self.name} has {len(self.train)}); "
+                            f"allowed: fewer than {len(self.train)}")
+        keep = len(self.train) - n
+        return dataclasses.replace(self, train=Split(self.train.images[:keep], self.train.labels[:keep]),
+                                   test=Split(self.train.images[keep:], self.train.labels[keep:]),
+                                   eval_split="validation")
 
     def batches(self, split: Split, batch_size: int, generator: torch.Generator | None = None,
                 augment: bool = False, max_batches: int = 0, rank: int = 0, world: int = 1):

@@ -21,6 +21,7 @@ from torch import nn
 
 import svdtrain
 from svdtrain.layers import svd_layers
+from svdtrain.prune import PruneReport
 
 from svdtrain.config import name_matches
 
@@ -139,7 +140,8 @@ class Run:
     @cached_property
     def data(self) -> Dataset:
         """In memory; on the GPU when training runs there (a batch is then a slice, nothing is copied)."""
-        return load_dataset(self.cfg.data, self.cfg.data_dir, self.cfg.image_size).to(self.cluster.device)
+        data = load_dataset(self.cfg.data, self.cfg.data_dir, self.cfg.image_size).held_out(self.cfg.val_subset)
+        return data.to(self.cluster.device)
 
     def stage_dir(self, stage: str) -> Path:
         return self.folder / stage
@@ -209,13 +211,49 @@ class Run:
         return evaluate(on_device, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
 
     def fit(self, model: nn.Module, stage: str, epochs: int, lr: float, lambda_o: float, lambda_s: float,
-            **trp) -> float:
+            cut=None, **settings) -> float:
         """Train for one stage (if epochs > 0); returns the test accuracy at its end."""
         if not epochs:
             return self.accuracy(model)
-        history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s, **trp),
-                      self.stage_dir(stage), self.echo, self.cluster)
+        history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s, **settings),
+                      self.stage_dir(stage), self.echo, self.cluster, cut)
         return history[-1]["test_accuracy"]
+
+    def prune(self, model: nn.Module, fraction: float | None = None) -> PruneReport:
+        """prune_ by the run's budget (prune_flops / prune_params, or `fraction` of the dense model in place of
+        it), else by energy, at the run's example input."""
+        cfg = self.cfg
+        knob = ({"flops": fraction or cfg.prune_flops} if cfg.prune_flops else
+                {"params": fraction or cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
+        device = next(model.parameters()).device
+        return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), min_rank=cfg.min_rank)
+
+    def gradual_cut(self, model: nn.Module, progress: float) -> bool:
+        """One cut of the cubic schedule (Zhu & Gupta's gradual pruning): at `progress` p of the stage the
+        model may keep budget + (1 − budget)·(1 − p)³ of the dense FLOPs / params, so most ranks go early,
+        while the network still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
+        budget = self.cfg.prune_flops or self.cfg.prune_params
+        ranks = [layer.rank for _, layer in svd_layers(model)]
+        report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
+        changed = [layer.rank for _, layer in svd_layers(model)] != ranks
+        if changed:
+            kind = "FLOPs" if self.cfg.prune_flops else "params"
+            after, dense = ((report.flops_after, report.dense_flops) if self.cfg.prune_flops else
+                            (report.params_after, report.dense_params))
+            self.echo(f"  rank cut at {progress:.0%} of the stage: {kind} {after / dense:.3f} of dense")
+        return changed
+
+    def recalibrate_bn(self, model: nn.Module) -> int:
+        """Batch-norm statistics re-estimated on `bn_recalibrate` training images (no augmentation, a fixed
+        seeded draw); returns the number of layers recalibrated."""
+        cfg = self.cfg
+        if not cfg.bn_recalibrate:
+            return 0
+        train = self.data.train.subset(cfg.train_subset)
+        batches = self.data.batches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
+                                    max_batches=-(-cfg.bn_recalibrate // cfg.batch_size))
+        device = next(model.parameters()).device
+        return svdtrain.recalibrate_bn(model, (x.to(device) for x, _ in batches))
 
 
 def _check_writable(folder: Path, needed: int):
@@ -268,7 +306,8 @@ def stage_sparsify(run: Run) -> dict:
         if not svd_layers(model):
             run.decompose(model, init="svd")
         run.write("sparsify/spectra_before.json", json.dumps(spectra(model)))
-        accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s)
+        accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s,
+                           cut=run.gradual_cut, rank_cuts=cfg.prune_cuts)
         run.write("sparsify/spectra_after.json", json.dumps(spectra(model)))
     elif cfg.method == "trp":
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,
@@ -291,21 +330,29 @@ def stage_prune(run: Run) -> dict:
         dense_flops = svdtrain.count_flops(model, example)
         ratio = filter_prune_(model, cfg.prune_flops, example, ignored)
         run.echo(f"filter pruning: {ratio:.3f} of the channels of every layer removed")
-        result = {"form": "dense", "accuracy": run.accuracy(model), "channel_ratio": ratio,
+        result = {"form": "dense", **_recalibrated(run, model), "channel_ratio": ratio,
                   "flops": svdtrain.count_flops(model, example), "dense_flops": dense_flops}
         run.finish("prune", result, model)
         return result
     if not svd_layers(model):
         run.decompose(model, init="svd")
-    knob = ({"flops": cfg.prune_flops} if cfg.prune_flops else
-            {"params": cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
-    report = svdtrain.prune_(model, **knob, example_inputs=example, min_rank=cfg.min_rank)
+    report = run.prune(model)
     run.echo(str(report))
     write_atomic(run.stage_dir("prune") / "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    result = {"form": "svd", "accuracy": run.accuracy(model), "energy": report.energy,
+    result = {"form": "svd", **_recalibrated(run, model), "energy": report.energy,
               "flops": report.flops_after, "dense_flops": report.dense_flops}
     run.finish("prune", result, model)
     return result
+
+
+def _recalibrated(run: Run, model: nn.Module) -> dict:
+    """Accuracy of the pruned model, and after batch-norm recalibration when the run asks for it."""
+    out = {"accuracy": run.accuracy(model)}
+    if run.recalibrate_bn(model):
+        out["accuracy_before_bn_recalibration"], out["accuracy"] = out["accuracy"], run.accuracy(model)
+        run.echo(f"batch-norm statistics re-estimated on {run.cfg.bn_recalibrate} training images: accuracy "
+                 f"{out['accuracy_before_bn_recalibration']:.2f} % -> {out['accuracy']:.2f} %")
+    return out
 
 
 def stage_finetune(run: Run) -> dict:

@@ -114,6 +114,8 @@ def write_report(run) -> dict:
 def _headline(report: dict) -> str:
     d, f = report["dense"], report["final"]
     acc = f"{f['accuracy']:.2f} %" + (f" (dense {d['accuracy']:.2f} %)" if d["accuracy"] is not None else "")
+    if report["config"]["val_subset"]:
+        acc += f" on {report['config']['val_subset']} held-out training images"
     gpu = "".join(f"; GPU batch {b}: {g['final_ms']:.2f} vs {g['dense_ms']:.2f} ms ({g['speedup']:.2f}×)"
                   for b, g in f.get("gpu_latency", {}).items())
     return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "
@@ -148,7 +150,7 @@ def _markdown(report: dict) -> str:
         "",
         "## Stages",
         "",
-        "| stage | test accuracy |",
+        f"| stage | {'validation' if cfg['val_subset'] else 'test'} accuracy |",
         "|---|---:|",
         *[f"| {name} | {acc(s.get('accuracy'))} |" for name, s in report["stages"].items()],
         "",

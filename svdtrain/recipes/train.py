@@ -108,6 +108,14 @@ class StageSettings:
     nuclear: float = 0.0  # TRP: nuclear-norm weight on the dense layers
     truncate_every: int = 0  # TRP: replace the dense weights by their truncated SVD every this many steps
     truncate_energy: float = 0.0  # TRP: energy rule used for that truncation
+    rank_cuts: int = 0  # gradual rank reduction: `cut` is called this many times, evenly over the stage's steps
+
+
+def cut_schedule(epochs: int, steps_per_epoch: int, cuts: int) -> dict[int, float]:
+    """{global step (1-based) after which to cut: progress in (0, 1]}: `cuts` cuts evenly spaced over the
+    stage, the last after its last step (progress 1, where the budget is reached)."""
+    total = epochs * steps_per_epoch
+    return {max(1, round(k * total / cuts)): k / cuts for k in range(1, cuts + 1)} if cuts and total else {}
 
 
 def lr_factor(cfg: RunConfig, epoch: int, epochs: int) -> float:
@@ -191,8 +199,11 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, folder: Path,
-        echo=print, cluster: Cluster = Cluster()) -> list[dict]:
+        echo=print, cluster: Cluster = Cluster(), cut=None) -> list[dict]:
     """Train `model` for one stage, checkpointing every epoch into `folder`; resumes from the latest checkpoint.
+
+    With `stage.rank_cuts`, `cut(model, progress)` is called after the steps `cut_schedule` names; it
+    prunes in place and returns whether the ranks changed (then the optimizer is rebuilt: new parameters).
 
     Under torchrun every process calls this with the same model; DistributedDataParallel averages the
     gradients, so the processes stay identical, and only rank 0 writes. Returns the per-epoch history
@@ -221,9 +232,12 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     opt = make_optimizer(cfg, model, stage.lr)  # after loading: parameters are new objects
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
-    forward = cluster.wrap(model)
-    if cfg.compile:
-        forward = torch.compile(forward)
+
+    def wrapped():
+        forward = cluster.wrap(model)
+        return torch.compile(forward) if cfg.compile else forward
+
+    forward = wrapped()
     writer = _tensorboard(folder, start + 1) if cluster.main else None
     svd = bool(svd_layers(model))
     dense_targets = trp_layers(model, svdtrain.SVDConfig(exclude_modules=cfg.exclude_modules)) \
@@ -231,6 +245,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     train = data.train.subset(cfg.train_subset)
     steps = math.ceil(len(train) / cfg.batch_size)
     steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
+    cuts = cut_schedule(stage.epochs, steps, stage.rank_cuts)
     for epoch in range(start, stage.epochs):
         lr = stage.lr * lr_factor(cfg, epoch, stage.epochs)
         for group in opt.param_groups:
@@ -274,6 +289,11 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             opt.step()
             if stage.truncate_every and (step + 1) % stage.truncate_every == 0:
                 trp_truncate_(dense_targets, stage.truncate_energy)
+            progress = cuts.get(epoch * steps + step + 1)
+            if progress is not None and cut(model, progress):
+                # Adam's moments belonged to the cut factors; the pruned ones start afresh at this epoch's lr.
+                opt = make_optimizer(cfg, model, lr)
+                forward = wrapped()
             with torch.no_grad():
                 values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y))
                 sums += torch.stack([v.to(sums) for v in values] + [sums.new_tensor(len(y))])
@@ -301,7 +321,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 notes.append(f"U, V of {layer} are {drift:.2f} from orthonormal: s are no longer its singular values")
         history.append(row)
         echo(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['loss']:.4f}  "
-             f"train {row['train_accuracy']:.2f} %  test {test_acc:.2f} %  ({seconds:.0f} s, "
+             f"train {row['train_accuracy']:.2f} %  {'val' if data.eval_split == 'validation' else 'test'} "
+             f"{test_acc:.2f} %  ({seconds:.0f} s, "
              f"{row['images_per_second']:.0f} images/s)" + "".join(f"\n  warning: {n}" for n in notes))
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
