@@ -51,18 +51,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # (nuclear weight 3e-4, truncation keeping 90 % energy) with a truncation every 20 steps.
 # svd_gradual is SVD training with its ranks cut toward the budget 8 times during sparsify (cubic
 # schedule) instead of once after it; svd and svd_spatial are the paper's recipe (one cut).
+_PAPER = {"method": "svd", "decomposition": "channel", "prune_cuts": 0}  # one cut after sparsify
 METHODS = {
-    "svd": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1},
-    "svd_spatial": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial"},
+    "svd": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1},
+    "svd_spatial": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial"},
     "svd_gradual": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial",
                     "prune_cuts": 8},
     "truncated_svd": {"method": "truncated_svd"},
     "trp": {"method": "trp", "trp_energy": 0.1, "trp_period": 20, "trp_nuclear": 3e-4},
     "filter_pruning": {"method": "filter_pruning"},
     # The paper's ablations, left out of the default sweep for time (--methods adds them).
-    "svd_no_ortho": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "lambda_o": 0.0},
-    "svd_l1": {"method": "svd", "sparsity": "l1", "lambda_s": 0.3},
-    "svd_hoyer_square": {"method": "svd", "sparsity": "hoyer_square", "lambda_s": 0.01},
+    "svd_no_ortho": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1, "lambda_o": 0.0},
+    "svd_l1": {**_PAPER, "sparsity": "l1", "lambda_s": 0.3},
+    "svd_hoyer_square": {**_PAPER, "sparsity": "hoyer_square", "lambda_s": 0.01},
 }
 DEFAULT_METHODS = ("svd", "svd_spatial", "svd_gradual", "truncated_svd", "trp", "filter_pruning")
 BASELINES = ("truncated_svd", "trp", "filter_pruning")
@@ -236,7 +237,8 @@ def sweep(args) -> dict:
     if NEW_RECIPE in args.methods and args.ablation_target:
         (full,) = [p for p in records if p["method"] == NEW_RECIPE and p["knob_value"] == args.ablation_target] or [None]
         for label, settings in ablations(picked[NEW_RECIPE]).items():
-            same = [p for p in records if p["settings"] == settings and p["knob_value"] == args.ablation_target]
+            same = [p for p in records if p["knob_value"] == args.ablation_target
+                    and RunConfig(**p["settings"]) == RunConfig(**settings)]  # the same run under another name
             (record,) = same[:1] or test.points(f"ablation-{len(ablation_records)}", settings, [args.ablation_target])
             ablation_records.append({**record, "ablation": label, "same_run_as": same[0]["method"] if same else None})
         if full is not None:

@@ -3,7 +3,7 @@
     python examples/quickstart.py [--data /usr/share/datasets/fashion-mnist] [--epochs 3]
 
 decompose_ → train with orthogonality + Hoyer sparsity → prune_ by energy →
-fine-tune with orthogonality only → export a plain model; prints accuracy, FLOPs
+recalibrate_bn → fine-tune with orthogonality only → export a plain model; prints accuracy, FLOPs
 and parameters of the dense and the exported model.
 """
 
@@ -92,6 +92,8 @@ def main():
     print(f"SVD training: {accuracy(model, test_set):.2f} % test accuracy")
     print(svdtrain.prune_(model, energy=args.energy, example_inputs=example))
     print(f"pruned: {accuracy(model, test_set):.2f} % test accuracy")
+    svdtrain.recalibrate_bn(model, train_set[0][:2048].split(128))  # batch-norm statistics of the pruned network
+    print(f"pruned, batch norm recalibrated: {accuracy(model, test_set):.2f} % test accuracy")
     train(model, train_set, 1, lam_o=1.0, lam_s=0, lr=3e-4)
     small = svdtrain.export(model, example)
     print(svdtrain.summary(small, example))

@@ -94,15 +94,29 @@ def load_pareto():
 def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     pareto = load_pareto()
     data = "fashion_mnist" if Path(FASHION_MNIST_DIR).is_dir() else "synthetic"
+    tuning = ["--tune-subset", "256", "--val-subset", "256"] if data == "fashion_mnist" else ["--tune-subset", "-1"]
     result = pareto.main(["--data", data, "--train-subset", "512", "--test-subset", "256", "--dense-epochs", "1",
                           "--compress-epochs", "1", "--finetune-epochs", "1", "--targets", "0.6,0.3", "--seeds", "2",
-                          "--max-batches", "2", "--latency-repeats", "2", "--work", str(tmp_path / "work"),
-                          "--out", str(tmp_path / "out"), "--results", str(tmp_path / "RESULTS.md")])
+                          "--max-batches", "2", "--latency-repeats", "2", "--ablation-target", "0.3", *tuning,
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                          "--results", str(tmp_path / "RESULTS.md")])
     saved = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert saved["points"] == json.loads(json.dumps(result["points"]))
-    assert {p["method"] for p in saved["points"]} == set(pareto.METHODS)
-    assert len(saved["points"]) == 2 * len(pareto.METHODS) and len(saved["dense"]["seeds"]) == 2
+    assert {p["method"] for p in saved["points"]} == set(pareto.DEFAULT_METHODS)
+    assert len(saved["points"]) == 2 * len(pareto.DEFAULT_METHODS) and len(saved["dense"]["seeds"]) == 2
+    if data == "fashion_mnist":  # every method tried its two settings on the validation split and kept one
+        for name in pareto.DEFAULT_METHODS:
+            tried = saved["tuning"]["methods"][name]["tried"]
+            assert len(tried) == 2 and saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
+            picked = saved["tuning"]["methods"][name]["picked"]
+            assert all(p["settings"] == picked for p in saved["points"] if p["method"] == name)
+    ablation = saved["ablation"]["points"]
+    assert [a["ablation"] for a in ablation][0] == "the recipe as tuned" and len(ablation) == 4
+    assert all(a["knob_value"] == 0.3 for a in ablation)
     for p in saved["points"]:
+        assert p["accuracy_after_prune"] is not None
+        # every method gets the same help: batch-norm recalibration right after its cut
+        assert p["accuracy_after_prune_before_bn_recalibration"] is not None
         assert 0 <= p["accuracy"] <= 100 and p["epochs"] == 2
         assert 0 < p["flops"] < saved["dense"]["flops"] and 0 < p["conv_flops"] < saved["dense"]["conv_flops"]
         assert p["flops"] <= p["knob_value"] * saved["dense"]["flops"] * 1.001
@@ -110,7 +124,8 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         assert p["wall_s"] > 0 and p["seed"] == 0
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "<!-- pareto:start -->" in text and "Bars:" in text and "python benchmarks/pareto.py" in text
+    assert "<!-- pareto:start -->" in text and "Bars (the new recipe" in text and "python benchmarks/pareto.py" in text
+    assert "Ablation of `svd_gradual`" in text
 
 
 def test_interpolation_along_a_curve():

@@ -58,6 +58,20 @@ def test_gradual_cuts_need_svd_and_a_budget(observed):
     assert RunConfig(prune_cuts=4, prune_params=0.3).prune_cuts == 4
 
 
+def test_the_knob_a_user_names_wins_over_a_default_budget(tmp_path):
+    base = RunConfig(prune_flops=0.33, prune_cuts=8)
+    by_energy = base.replace(energy=0.2)  # e.g. `svdtrain prune RUN energy=0.2`
+    assert (by_energy.energy, by_energy.prune_flops, by_energy.prune_cuts) == (0.2, 0.0, 0)
+    by_params = base.replace(prune_params=0.3)
+    assert (by_params.prune_params, by_params.prune_flops, by_params.prune_cuts) == (0.3, 0.0, 8)
+    with pytest.raises(ConfigError, match="needs method=svd"):
+        base.replace(method="trp", prune_cuts=8)  # named explicitly: a mistake worth an error
+    config = tmp_path / "paper.toml"
+    config.write_text("energy = 0.01\n")
+    assert load_config(str(config)).prune_flops == 0.0 and load_config(str(config)).energy == 0.01
+    assert load_config(str(config), ["prune_flops=0.5"]).prune_flops == 0.5  # the last named knob wins
+
+
 def test_config_files_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("lr = [unclosed")

@@ -231,6 +231,26 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, pattern, moment, 
 
 
 @pytest.mark.slow
+def test_sigkill_between_gradual_rank_cuts_then_resume(tmp_path, capsys, observed):
+    """With prune_cuts the ranks fall during sparsify: a resume starts from a checkpoint at reduced ranks and
+    must make the remaining cuts exactly as the uninterrupted run did."""
+    gradual = [*TINY_RUN, "prune_flops=0.5", "prune_cuts=4", "bn_recalibrate=60"]
+    assert main(["run", *gradual, f"out_dir={tmp_path / 'whole'}"]) == 0
+    (whole,) = (tmp_path / "whole").iterdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", _KILLER, "fsync", "sparsify/.epoch_002.pt", "run", *gradual,
+                           f"out_dir={tmp_path / 'killed'}"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    (folder,) = (tmp_path / "killed").iterdir()
+    code, out, _ = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0 and "[sparsify] resuming after epoch 1" in out and "rank cut at" in out  # epoch 2 cut again
+    assert outcome(folder) == outcome(whole)
+    observed("Nothing is lost on a crash", "SIGKILL mid-save of sparsify epoch 2 with gradual rank cuts "
+             "(`prune_cuts=4`), then --resume", "resumed at the reduced ranks of epoch 1, made the remaining cuts; "
+             "same final numbers and ranks as the uninterrupted run")
+
+
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(finished, tmp_path, capsys, observed):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "svdtrain.cli", "run", *TINY_RUN, "sparsify_epochs=2",

@@ -3,6 +3,7 @@
 The defaults are the quick Fashion-MNIST ResNet-20 recipe. A config file (TOML)
 and `key=value` arguments override them; values are parsed as TOML values
 (`lr=3e-4`, `exclude_modules=["fc"]`, `augment=false`) with bare words as strings.
+The pruning knob a file or an argument names wins over the defaults' (`named_wins`).
 """
 
 from __future__ import annotations
@@ -137,7 +138,21 @@ class RunConfig:
 
     def replace(self, **changes) -> "RunConfig":
         check_keys(changes)
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **named_wins(changes))
+
+
+def named_wins(changes: dict) -> dict:
+    """`changes` plus the settings that step aside for what it names, so a knob the user names is never
+    silently overridden by one they did not name here: naming one of energy / prune_flops / prune_params
+    clears the other budgets, and naming energy alone also the gradual cuts toward a budget (e.g.
+    `svdtrain prune RUN energy=0.2` on a run made with prune_flops and prune_cuts)."""
+    cleared = {}
+    named = [key for key in ("energy", "prune_flops", "prune_params") if key in changes]
+    if named:
+        cleared.update({key: 0.0 for key in ("prune_flops", "prune_params") if key not in named})
+        if named == ["energy"]:
+            cleared["prune_cuts"] = 0
+    return {**cleared, **changes}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -245,8 +260,8 @@ def read_config_file(path: Path) -> dict:
 
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults (the quick recipe) ← config file (a path or a name in configs/) ← key=value overrides."""
-    values = read_config_file(find_config(config)) if config else {}
+    values = named_wins(read_config_file(find_config(config))) if config else {}
     if config and "name" not in values:
         values["name"] = Path(config).stem
-    values.update(parse_overrides(overrides or []))
+    values.update(named_wins(parse_overrides(overrides or [])))
     return RunConfig(**values)
