@@ -237,8 +237,9 @@ def sweep(args) -> dict:
     if NEW_RECIPE in args.methods and args.ablation_target:
         (full,) = [p for p in records if p["method"] == NEW_RECIPE and p["knob_value"] == args.ablation_target] or [None]
         for label, settings in ablations(picked[NEW_RECIPE]).items():
-            same = [p for p in records if p["knob_value"] == args.ablation_target
-                    and RunConfig(**p["settings"]) == RunConfig(**settings)]  # the same run under another name
+            resolved = RunConfig(**settings, prune_flops=args.ablation_target)
+            same = [p for p in records if p["knob_value"] == args.ablation_target  # the same run, another name
+                    and RunConfig(**p["settings"], prune_flops=args.ablation_target) == resolved]
             (record,) = same[:1] or test.points(f"ablation-{len(ablation_records)}", settings, [args.ablation_target])
             ablation_records.append({**record, "ablation": label, "same_run_as": same[0]["method"] if same else None})
         if full is not None:
