@@ -233,9 +233,8 @@ class Run:
         model may keep budget + (1 − budget)·(1 − p)³ of the dense FLOPs / params, so most ranks go early,
         while the network still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
         budget = self.cfg.prune_flops or self.cfg.prune_params
-        ranks = [layer.rank for _, layer in svd_layers(model)]
         report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
-        changed = [layer.rank for _, layer in svd_layers(model)] != ranks
+        changed = any(row["rank_after"] < row["rank_before"] for row in report.layers)
         if changed:
             kind = "FLOPs" if self.cfg.prune_flops else "params"
             after, dense = ((report.flops_after, report.dense_flops) if self.cfg.prune_flops else
