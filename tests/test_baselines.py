@@ -104,15 +104,23 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     assert saved["points"] == json.loads(json.dumps(result["points"]))
     assert {p["method"] for p in saved["points"]} == set(pareto.DEFAULT_METHODS)
     assert len(saved["points"]) == 2 * len(pareto.DEFAULT_METHODS) and len(saved["dense"]["seeds"]) == 2
-    if data == "fashion_mnist":  # every method tried its two settings on the validation split and kept one
+    if data == "fashion_mnist":  # every method tried its three settings on the validation split and kept one
         for name in pareto.DEFAULT_METHODS:
             tried = saved["tuning"]["methods"][name]["tried"]
-            assert len(tried) == 2 and saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
+            assert len(tried) == 3 and saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
             picked = saved["tuning"]["methods"][name]["picked"]
             assert all(p["settings"] == picked for p in saved["points"] if p["method"] == name)
     ablation = saved["ablation"]["points"]
     assert [a["ablation"] for a in ablation][0] == "the recipe as tuned" and len(ablation) == 4
     assert all(a["knob_value"] == 0.3 for a in ablation)
+    # a setting that acts after the compress phase shares it, and still reaches the point's own config
+    recipe, no_bn, one_cut = ablation[0], ablation[1], ablation[2]
+    assert no_bn["compress_phase"] == recipe["compress_phase"] != one_cut["compress_phase"]
+    no_bn_config = json.loads((Path(no_bn["folder"]) / "config.json").read_text())
+    assert no_bn_config["bn_recalibrate"] == 0 and no_bn["accuracy_after_prune_before_bn_recalibration"] is None
+    for p in saved["points"]:
+        config = json.loads((Path(p["folder"]) / "config.json").read_text())
+        assert config["finetune_lr"] == p["settings"].get("finetune_lr", 3e-4) and config["bn_recalibrate"] == 2048
     for p in saved["points"]:
         assert p["accuracy_after_prune"] is not None
         # every method gets the same help: batch-norm recalibration right after its cut
