@@ -59,8 +59,8 @@ METHODS = {
     "svd_spatial": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial"},
     "svd_gradual": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial",
                     "prune_cuts": 8},
-    "truncated_svd": {"method": "truncated_svd"},
-    "trp": {"method": "trp", "trp_energy": 0.1, "trp_period": 20, "trp_nuclear": 3e-4},
+    "truncated_svd": {"method": "truncated_svd", "decomposition": "channel"},
+    "trp": {"method": "trp", "decomposition": "channel", "trp_energy": 0.1, "trp_period": 20, "trp_nuclear": 3e-4},
     "filter_pruning": {"method": "filter_pruning"},
     # The paper's ablations, left out of the default sweep for time (--methods adds them).
     "svd_no_ortho": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1, "lambda_o": 0.0},
@@ -459,9 +459,12 @@ def markdown(result: dict, png: str) -> str:
                   "| variant | accuracy (%) | after the cut (%) | after the cut, before BN recalibration (%) | "
                   "conv FLOPs reduction | run |", "|---|---:|---:|---:|---:|---|"]
         for p in ablation:
+            run = p["same_run_as"] or ("own run from the recipe's compress phase"
+                                       if p.get("compress_phase") and p["compress_phase"] == ablation[0]["compress_phase"]
+                                       else "own run")
             lines.append(f"| {p['ablation']} | {p['accuracy']:.2f} | {p['accuracy_after_prune']:.2f} | "
                          f"{_fmt(p['accuracy_after_prune_before_bn_recalibration'])} | "
-                         f"{p['conv_flops_reduction']:.2f}× | {p['same_run_as'] or 'own run'} |")
+                         f"{p['conv_flops_reduction']:.2f}× | {run} |")
     lines += [
         "",
         "Every SVD-training variant against each baseline (≥ at every matched reduction both curves reach):",

@@ -78,7 +78,7 @@ def test_method_settings_are_validated():
     with pytest.raises(ConfigError, match="train_mode=dense"):
         RunConfig(method="trp", train_mode="svd")
     with pytest.raises(ConfigError, match="prune_flops"):
-        RunConfig(method="filter_pruning")
+        RunConfig(method="filter_pruning", prune_flops=0.0)
     with pytest.raises(ConfigError, match="allowed: svd, truncated_svd, trp, filter_pruning"):
         RunConfig(method="magic")
 

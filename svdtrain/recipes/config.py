@@ -62,19 +62,19 @@ class RunConfig:
     train_mode: str = field(default="dense", metadata=_choice(
         "dense", "svd", doc="train stage: dense (converted by exact SVD before sparsify) or SVD form from scratch"))
     dense_checkpoint: str = ""  # a dense state_dict to start from instead of training (train stage converts it)
-    decomposition: str = field(default="channel", metadata=_choice("channel", "spatial"))
+    decomposition: str = field(default="spatial", metadata=_choice("channel", "spatial"))
     exclude_modules: tuple[str, ...] = ("fc",)  # the classifier stays dense (METHOD.md §1)
     lambda_o: float = field(default=1.0, metadata=_range(0, doc="orthogonality weight"))
     lambda_s: float = field(default=0.1, metadata=_range(0, doc="sparsity weight"))
     sparsity: str = field(default="hoyer", metadata=_choice("l1", "hoyer", "hoyer_square"))
     energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True, doc="energy pruned per layer"))
-    prune_flops: float = field(default=0.0, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
+    prune_flops: float = field(default=0.33, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
     prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
     min_rank: int = field(default=1, metadata=_range(1))
-    prune_cuts: int = field(default=0, metadata=_range(0, doc=(
+    prune_cuts: int = field(default=8, metadata=_range(0, doc=(
         "svd: cut ranks toward prune_flops / prune_params this many times during sparsify, on a cubic schedule "
-        "ending at the budget; 0 = one cut in the prune stage (the paper)")))
-    bn_recalibrate: int = field(default=0, metadata=_range(0, doc=(
+        "ending at the budget; 0 = one cut in the prune stage (the paper); other methods ignore it")))
+    bn_recalibrate: int = field(default=2048, metadata=_range(0, doc=(
         "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "
         "many training images; 0 = off")))
     trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
@@ -127,8 +127,8 @@ class RunConfig:
             raise ConfigError(f"method={self.method} starts from a dense model; allowed: train_mode=dense")
         if self.method == "filter_pruning" and not self.prune_flops:
             raise ConfigError("method=filter_pruning needs prune_flops=FRACTION (the FLOPs budget of the pruned model)")
-        if self.prune_cuts and (self.method != "svd" or not (self.prune_flops or self.prune_params)):
-            raise ConfigError(f"prune_cuts={self.prune_cuts} needs method=svd and a budget to cut toward; allowed: "
+        if self.prune_cuts and self.method == "svd" and not (self.prune_flops or self.prune_params):
+            raise ConfigError(f"prune_cuts={self.prune_cuts} needs a budget to cut toward; allowed: "
                               "prune_flops=FRACTION or prune_params=FRACTION, or prune_cuts=0")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(f"milestones={self.milestones}: allowed: fractions of a stage's epochs, each in (0, 1)")
