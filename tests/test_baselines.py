@@ -120,7 +120,8 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     assert no_bn_config["bn_recalibrate"] == 0 and no_bn["accuracy_after_prune_before_bn_recalibration"] is None
     for p in saved["points"]:
         config = json.loads((Path(p["folder"]) / "config.json").read_text())
-        assert config["finetune_lr"] == p["settings"].get("finetune_lr", 3e-4) and config["bn_recalibrate"] == 2048
+        assert config["finetune_lr"] == p["settings"].get("finetune_lr", RunConfig().finetune_lr)
+        assert config["bn_recalibrate"] == pareto.HELP["bn_recalibrate"]
     for p in saved["points"]:
         assert p["accuracy_after_prune"] is not None
         # every method gets the same help: batch-norm recalibration right after its cut
