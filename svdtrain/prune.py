@@ -59,6 +59,11 @@ class PruneReport:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
 
+    @property
+    def cut(self) -> bool:
+        """Whether any layer lost rank."""
+        return any(row["rank_after"] < row["rank_before"] for row in self.layers)
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 

@@ -164,6 +164,7 @@ def test_gradual_cuts_reach_the_budget_at_the_end_of_sparsify(tmp_path, capsys):
     assert 0.37 <= svdtrain.count_flops(svdtrain.export(sparsified, x), x) / dense_flops <= 0.4
     report = json.loads((folder / "prune" / "prune_report.json").read_text())
     assert all(r["rank_before"] == r["rank_after"] for r in report["layers"])  # the budget was already reached
+    assert "nothing left to cut: the gradual cuts during sparsify reached the budget" in out
     pruned = json.loads((folder / "prune" / "result.json").read_text())
     assert "accuracy_before_bn_recalibration" in pruned
     assert "batch-norm statistics re-estimated on 128 training images" in out

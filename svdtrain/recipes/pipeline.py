@@ -234,13 +234,12 @@ class Run:
         while the network still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
         budget = self.cfg.prune_flops or self.cfg.prune_params
         report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
-        changed = any(row["rank_after"] < row["rank_before"] for row in report.layers)
-        if changed:
+        if report.cut:
             kind = "FLOPs" if self.cfg.prune_flops else "params"
             after, dense = ((report.flops_after, report.dense_flops) if self.cfg.prune_flops else
                             (report.params_after, report.dense_params))
             self.echo(f"  rank cut at {progress:.0%} of the stage: {kind} {after / dense:.3f} of dense")
-        return changed
+        return report.cut
 
     def recalibrate_bn(self, model: nn.Module) -> int:
         """Batch-norm statistics re-estimated on `bn_recalibrate` training images (no augmentation, a fixed
@@ -337,6 +336,8 @@ def stage_prune(run: Run) -> dict:
         run.decompose(model, init="svd")
     report = run.prune(model)
     run.echo(str(report))
+    if cfg.prune_cuts and not report.cut:
+        run.echo("nothing left to cut: the gradual cuts during sparsify reached the budget")
     write_atomic(run.stage_dir("prune") / "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     result = {"form": "svd", **_recalibrated(run, model), "energy": report.energy,
               "flops": report.flops_after, "dense_flops": report.dense_flops}
