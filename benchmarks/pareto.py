@@ -158,10 +158,9 @@ class Sweep:
         if key not in self.bases:
             _say(f"{label}: compress phase ({self.args.compress_epochs} epochs)")
             t0 = time.perf_counter()
-            base = Run.create(RunConfig(name=f"{label}-base", dense_checkpoint=self.checkpoint, train_epochs=0,
-                                        sparsify_epochs=self.args.compress_epochs,
-                                        finetune_epochs=self.args.finetune_epochs, prune_flops=target,
-                                        **{**HELP, **settings}, **self.common))
+            base = Run.create(resolved(settings, target).replace(
+                name=f"{label}-base", dense_checkpoint=self.checkpoint, train_epochs=0,
+                sparsify_epochs=self.args.compress_epochs, finetune_epochs=self.args.finetune_epochs, **self.common))
             run_stage(base, "train")
             accuracy = run_stage(base, "sparsify")["accuracy"]
             self.bases[key] = (base, accuracy, time.perf_counter() - t0)
