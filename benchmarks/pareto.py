@@ -15,9 +15,10 @@ model), its batch-norm statistics are re-estimated (every method gets this help)
 and it is fine-tuned. The dense model is trained with `--seeds` seeds so the
 noise is visible; seed 0's checkpoint is the shared one.
 
-Before the test sweep, each method tries three settings at one budget on a validation split cut
-from the training images (the same tuning budget for every method) and keeps the best one;
-after it, the new recipe (svd_gradual) is run minus each of its levers at one budget.
+Before the test sweep, each method tries four settings at one budget on a validation split cut
+from the training images (the same tuning budget for every method: three of its own, then the best
+of them with distillation from the dense model) and keeps the best one; after it, the new recipe
+(svd_gradual) is run minus each of its levers at one budget.
 
 Writes pareto.json (one record per point), pareto.png, and the "pareto" section
 of RESULTS.md (a table, the plot, the bars, and the command).
@@ -93,20 +94,27 @@ ALTERNATIVES = {
     "svd_l1": {"lambda_s": 0.1},
     "svd_hoyer_square": {"lambda_s": 0.003},
 }
+# Distillation from the dense model (the shared checkpoint) during the compress phase and fine-tuning,
+# offered to every method as a fourth setting: the best of its three with it. Kept where validation
+# says it helps, as any other setting (it can hurt: the dense model's softened logits compete with the
+# labels).
+DISTILL = {"distill": 0.5}
 # Settings that act only after the compress phase (prune stage, fine-tuning): runs that differ only in
 # them share one compress phase.
 AFTER_COMPRESS = ("bn_recalibrate", "finetune_lr")
 
 
 def candidates(name: str) -> list[dict]:
-    """The settings a method tries on the validation split."""
+    """The settings a method tries on the validation split before distillation is offered."""
     return [METHODS[name], {**METHODS[name], **ALTERNATIVES[name]}, {**METHODS[name], **LOWER_FINETUNE_LR}]
 
 
 def ablations(recipe: dict) -> dict[str, dict]:
     """The new recipe (as tuned) minus one lever at a time."""
     other = "channel" if recipe.get("decomposition", "channel") == "spatial" else "spatial"
-    return {"no batch-norm recalibration": {**recipe, "bn_recalibrate": 0},
+    without_distillation = {"no distillation": {k: v for k, v in recipe.items() if k != "distill"}} \
+        if recipe.get("distill") else {}
+    return {**without_distillation, "no batch-norm recalibration": {**recipe, "bn_recalibrate": 0},
             "one cut after sparsify (no gradual cuts)": {**recipe, "prune_cuts": 0},
             f"{other}-wise instead": {**recipe, "decomposition": other}}
 
@@ -199,18 +207,24 @@ class Sweep:
 
 
 def tune(args, checkpoint: str, common: dict) -> dict:
-    """Each method's settings and its alternative, at one budget, scored on the validation split."""
+    """Each method's candidates, then the best of them with distillation, at one budget, scored on the
+    validation split."""
     sweep = Sweep(args, checkpoint, {**common, "val_subset": args.val_subset, "train_subset": args.tune_subset,
                                      "out_dir": str(Path(common["out_dir"]) / "tuning")})
     out = {}
     for name in args.methods:
         tried = []
-        for settings in candidates(name):
+
+        def best() -> int:
+            return max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"], -i))  # a tie keeps the first
+
+        for settings in [*candidates(name), None]:
+            settings = settings or {**tried[best()]["settings"], **DISTILL}
             (record,) = sweep.points(f"tune-{name}-{len(tried)}", settings, [args.tune_target], measure=False)
             tried.append({"settings": settings, "validation_accuracy": record["accuracy"],
                           "validation_accuracy_after_prune": record["accuracy_after_prune"],
                           "wall_s": record["wall_s"] + record["shared_wall_s"]})
-        picked = max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"], -i))  # a tie keeps the first
+        picked = best()
         out[name] = {"tried": tried, "picked": tried[picked]["settings"]}
         _say(f"tuning {name}: " + ", ".join(f"{t['validation_accuracy']:.2f} %" for t in tried)
              + f" -> {tried[picked]['settings']}")
@@ -402,8 +416,10 @@ def markdown(result: dict, png: str) -> str:
             f"training images (the sweep trains on the first {result['train_subset']:,}, so they are "
             f"disjoint), with the compress and fine-tuning phases on the first {t['train_subset']:,} training "
             f"images (a cheaper proxy of the same schedule) at FLOPs budget {t['target']}. Every method tries the "
-            f"same number of settings (3: its own, one alternative of its own, and fine-tuning at lr "
-            f"{LOWER_FINETUNE_LR['finetune_lr']:g}); the highest validation accuracy is kept "
+            f"same number of settings (4: its own, one alternative of its own, fine-tuning at lr "
+            f"{LOWER_FINETUNE_LR['finetune_lr']:g}, then the best of these three with distillation from the dense "
+            f"model, distill={DISTILL['distill']} at temperature {RunConfig().distill_temperature:g}, during its "
+            "compress phase and fine-tuning); the highest validation accuracy is kept "
             f"({t['wall_s'] / 60:.0f} min):",
             "",
             "| method | setting tried | validation accuracy (%) | after the cut (%) | picked |",

@@ -104,23 +104,29 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     assert saved["points"] == json.loads(json.dumps(result["points"]))
     assert {p["method"] for p in saved["points"]} == set(pareto.DEFAULT_METHODS)
     assert len(saved["points"]) == 2 * len(pareto.DEFAULT_METHODS) and len(saved["dense"]["seeds"]) == 2
-    if data == "fashion_mnist":  # every method tried its three settings on the validation split and kept one
+    recipe_settings = saved["tuning"]["methods"].get(pareto.NEW_RECIPE, {}).get("picked", {})
+    if data == "fashion_mnist":  # every method tried four settings on the validation split and kept one
         for name in pareto.DEFAULT_METHODS:
             tried = saved["tuning"]["methods"][name]["tried"]
-            assert len(tried) == 3 and saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
+            assert len(tried) == 4 and saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
+            first = max(tried[:3], key=lambda t: t["validation_accuracy"])  # the fourth: the best with distillation
+            assert tried[3]["settings"] == {**first["settings"], **pareto.DISTILL}
             picked = saved["tuning"]["methods"][name]["picked"]
             assert all(p["settings"] == picked for p in saved["points"] if p["method"] == name)
     ablation = saved["ablation"]["points"]
-    assert [a["ablation"] for a in ablation][0] == "the recipe as tuned" and len(ablation) == 4
+    distilled = bool(recipe_settings.get("distill"))  # the recipe as tuned; distillation has its own row when it is in it
+    assert [a["ablation"] for a in ablation][0] == "the recipe as tuned" and len(ablation) == 4 + distilled
+    assert ("no distillation" in [a["ablation"] for a in ablation]) == distilled
     assert all(a["knob_value"] == 0.3 for a in ablation)
     # a setting that acts after the compress phase shares it, and still reaches the point's own config
-    recipe, no_bn, one_cut = ablation[0], ablation[1], ablation[2]
+    recipe, no_bn, one_cut = ablation[0], ablation[1 + distilled], ablation[2 + distilled]
     assert no_bn["compress_phase"] == recipe["compress_phase"] != one_cut["compress_phase"]
     no_bn_config = json.loads((Path(no_bn["folder"]) / "config.json").read_text())
     assert no_bn_config["bn_recalibrate"] == 0 and no_bn["accuracy_after_prune_before_bn_recalibration"] is None
     for p in saved["points"]:
         config = json.loads((Path(p["folder"]) / "config.json").read_text())
         assert config["finetune_lr"] == p["settings"].get("finetune_lr", RunConfig().finetune_lr)
+        assert config["distill"] == p["settings"].get("distill", 0.0)
         assert config["bn_recalibrate"] == pareto.HELP["bn_recalibrate"]
         assert p["accuracy_after_prune"] is not None
         # every method gets the same help: batch-norm recalibration right after its cut

@@ -42,8 +42,8 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0
 
     fit = pipeline.fit
 
-    def fit_and_dump(model, data, cfg, stage, folder, echo, cluster, cut=None):
-        history = fit(model, data, cfg, stage, folder, echo, cluster, cut)
+    def fit_and_dump(model, data, cfg, stage, folder, echo, cluster, cut=None, teacher=None):
+        history = fit(model, data, cfg, stage, folder, echo, cluster, cut, teacher)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(state, Path(dumps) / f"{stage.name}-rank{rank}.pt")
         return history

@@ -168,3 +168,55 @@ def test_gradual_cuts_reach_the_budget_at_the_end_of_sparsify(tmp_path, capsys):
     pruned = json.loads((folder / "prune" / "result.json").read_text())
     assert "accuracy_before_bn_recalibration" in pruned
     assert "batch-norm statistics re-estimated on 128 training images" in out
+
+
+def test_distillation_sum_is_the_softened_kl_times_t_squared():
+    from svdtrain.recipes.train import distillation_sum
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 7), torch.randn(5, 7) * 3
+    t = 4.0
+    p, q = torch.softmax(teacher / t, 1), torch.softmax(student / t, 1)
+    expected = t * t * (p * (p.log() - q.log())).sum()
+    assert float(distillation_sum(student, teacher, t)) == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(distillation_sum(teacher, teacher, t))) <= 1e-5
+
+
+def test_distillation_pulls_the_student_to_the_teacher(tmp_path):
+    """With distill=1 the cross-entropy has no weight: fine-tuning a differently initialised model must bring
+    its softened predictions at least 3× closer (KL) to the teacher's, on images it was not trained on."""
+    from svdtrain.recipes.config import RunConfig
+    from svdtrain.recipes.data import load_dataset
+    from svdtrain.recipes.models import build_model
+    from svdtrain.recipes.train import StageSettings, distillation_sum, fit
+
+    data = load_dataset("synthetic")
+    cfg = RunConfig(data="synthetic", model="lenet5", distill=1.0, distill_temperature=2.0, progress=False,
+                    batch_size=32, augment=False, device="cpu")
+    torch.manual_seed(0)
+    teacher = build_model("lenet5", data.num_classes, 1, 12).eval()
+    student = build_model("lenet5", data.num_classes, 1, 12)
+    x = data.normalize(data.test.images)
+
+    def gap():
+        with torch.no_grad():
+            return float(distillation_sum(student.eval()(x), teacher(x), 2.0)) / len(x)
+
+    before = gap()
+    history = fit(student, data, cfg, StageSettings("finetune", 4, 3e-3, 0.0, 0.0), tmp_path, echo=lambda _: None,
+                  teacher=teacher)
+    assert history[-1]["distillation"] < history[0]["distillation"]
+    assert history[-1]["loss"] == pytest.approx(history[-1]["distillation"], rel=1e-9)  # no cross-entropy weight
+    assert gap() <= before / 3, (before, gap())
+
+
+def test_distillation_reaches_every_stage_after_train(tmp_path, capsys):
+    """distill > 0: sparsify and fine-tune log a distillation term (the train stage has nothing to learn from)."""
+    code, _, err = run_cli(["run", *SYNTHETIC, "distill=0.5", "max_batches=2", "onnx=false", f"out_dir={tmp_path}"],
+                           capsys)
+    assert code == 0, err
+    (folder,) = tmp_path.iterdir()
+    for stage, active in (("train", False), ("sparsify", True), ("finetune", True)):
+        rows = (folder / stage / "log.csv").read_text().splitlines()
+        header, last = rows[0].split(","), rows[-1].split(",")
+        assert (float(last[header.index("distillation")]) > 0) == active, stage

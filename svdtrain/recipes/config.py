@@ -77,6 +77,11 @@ class RunConfig:
     bn_recalibrate: int = field(default=2048, metadata=_range(0, doc=(
         "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "
         "many training images; 0 = off")))
+    distill: float = field(default=0.0, metadata=_range(0, 1, doc=(
+        "sparsify and fine-tune (every method): weight of distillation from the train stage's model (KL to its "
+        "softened logits) against the cross-entropy's 1 − distill; 0 = off")))
+    distill_temperature: float = field(default=4.0, metadata=_range(0, low_open=True,
+                                                                    doc="softening of both models' logits"))
     trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
     trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
     trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,

@@ -216,8 +216,15 @@ class Run:
         if not epochs:
             return self.accuracy(model)
         history = fit(model, self.data, self.cfg, StageSettings(stage, epochs, lr, lambda_o, lambda_s, **settings),
-                      self.stage_dir(stage), self.echo, self.cluster, cut)
+                      self.stage_dir(stage), self.echo, self.cluster, cut, self.teacher(stage))
         return history[-1]["test_accuracy"]
+
+    def teacher(self, stage: str) -> nn.Module | None:
+        """The model the train stage left, frozen on the run's device, for stages after it to distill from."""
+        if not self.cfg.distill or stage == "train":
+            return None
+        model = self.model_after("train").to(self.cluster.device).eval().requires_grad_(False)
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
     def prune(self, model: nn.Module, fraction: float | None = None) -> PruneReport:
         """prune_ by the run's budget (prune_flops / prune_params, or `fraction` of the dense model in place of

@@ -165,6 +165,14 @@ def ranks_at_energy(model: nn.Module, energy: float) -> dict[str, int]:
     return {name: rank_for_energy(tail_energy(layer.s), energy) for name, layer in svd_layers(model)}
 
 
+def distillation_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Σ over the batch of T²·KL(teacher ‖ student) on logits softened by T (Hinton et al.): T² keeps its
+    gradient on the scale of the cross-entropy's whatever T."""
+    return temperature ** 2 * F.kl_div(F.log_softmax(student.float() / temperature, 1),
+                                       F.log_softmax(teacher.float() / temperature, 1),
+                                       log_target=True, reduction="sum")
+
+
 def _regularizer(svd: bool, weight: float, fn, *args) -> torch.Tensor:
     """The regularizer's value; without autograd when its weight is 0 (logged, not trained on)."""
     if not svd:
@@ -199,11 +207,13 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, folder: Path,
-        echo=print, cluster: Cluster = Cluster(), cut=None) -> list[dict]:
+        echo=print, cluster: Cluster = Cluster(), cut=None, teacher: nn.Module | None = None) -> list[dict]:
     """Train `model` for one stage, checkpointing every epoch into `folder`; resumes from the latest checkpoint.
 
     With `stage.rank_cuts`, `cut(model, progress)` is called after the steps `cut_schedule` names; it
     prunes in place and returns whether the ranks changed (then the optimizer is rebuilt: new parameters).
+    With a `teacher` (frozen, on the device), the task loss is (1 − cfg.distill)·cross-entropy +
+    cfg.distill·distillation to the teacher's logits.
 
     Under torchrun every process calls this with the same model; DistributedDataParallel averages the
     gradients, so the processes stay identical, and only rank 0 writes. Returns the per-epoch history
@@ -252,9 +262,9 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             group["lr"] = lr
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + STAGE_SEEDS[stage.name] * 10_007 + epoch)
         model.train()
-        # This process's sums over the epoch (task loss, correct, regularizers × images, images), kept on
-        # the device so that a step does not wait for them; added over the processes at the epoch's end.
-        sums = torch.zeros(6, dtype=torch.float64, device=cluster.device)
+        # This process's sums over the epoch (task loss, correct, regularizers × images, distillation, images),
+        # kept on the device so that a step does not wait for them; added over the processes at the epoch's end.
+        sums = torch.zeros(7, dtype=torch.float64, device=cluster.device)
         skipped = 0
         started = time.perf_counter()
         batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches,
@@ -268,10 +278,16 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             # Summed here and divided by the global batch: DDP's mean over processes then gives the
             # gradient of the mean over the whole batch, whatever each process's share.
             task_sum = F.cross_entropy(out.float(), y, reduction="sum")
+            distill = torch.zeros(())
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(cluster.device.type, torch.bfloat16, enabled=cfg.amp == "bf16"):
+                    target = teacher(x)
+                distill = distillation_sum(out, target, cfg.distill_temperature)
+            fitted = task_sum if teacher is None else (1 - cfg.distill) * task_sum + cfg.distill * distill
             ortho = _regularizer(svd, stage.lambda_o, svdtrain.orthogonality_loss, model)
             sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
             nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
-            loss = task_sum * (cluster.world / batch) + stage.lambda_o * ortho + stage.lambda_s * sparse \
+            loss = fitted * (cluster.world / batch) + stage.lambda_o * ortho + stage.lambda_s * sparse \
                 + stage.nuclear * nuclear
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -295,9 +311,10 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 opt = make_optimizer(cfg, model, lr)
                 forward = wrapped()
             with torch.no_grad():
-                values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y))
+                values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y),
+                          distill)
                 sums += torch.stack([v.to(sums) for v in values] + [sums.new_tensor(len(y))])
-        task, correct, ortho, sparse, nuclear, seen = cluster.sum(sums.tolist())  # waits for the device
+        task, correct, ortho, sparse, nuclear, distill, seen = cluster.sum(sums.tolist())  # waits for the device
         if seen == 0:
             raise TrainingError(f"every step of stage {stage.name}, epoch {epoch + 1} had a non-finite loss or "
                                 f"gradient; last good checkpoint: {_last_good(folder)}")
@@ -306,8 +323,10 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg, cluster)
         seconds = time.perf_counter() - started
         means = {"task_loss": task / seen, "orthogonality": ortho / seen, "sparsity": sparse / seen,
-                 "nuclear": nuclear / seen}
-        loss = means["task_loss"] + stage.lambda_o * means["orthogonality"] + stage.lambda_s * means["sparsity"] \
+                 "nuclear": nuclear / seen, "distillation": distill / seen}
+        weight = cfg.distill if teacher is not None else 0.0
+        loss = (1 - weight) * means["task_loss"] + weight * means["distillation"] \
+            + stage.lambda_o * means["orthogonality"] + stage.lambda_s * means["sparsity"] \
             + stage.nuclear * means["nuclear"]
         row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr, "loss": loss, **means,
                "train_accuracy": 100.0 * correct / seen, "test_accuracy": test_acc, "test_loss": test_loss,
