@@ -5,14 +5,18 @@ replaces, most of all at small inputs and batch 1. So export can time, per layer
 and at the real input shape, the dense form and the thin pair on the backend the
 model will run on, and keep the faster one.
 
-Backends: "eager" (PyTorch on the CPU), "onnxruntime" (ONNX Runtime on the CPU),
-"cuda" (PyTorch on the GPU). Only "eager" needs nothing beyond torch.
+Backends: "eager" (PyTorch on the CPU), "compiled" (torch.compile with inductor and
+freezing: batch norm folded into the convolutions, activations fused, weights prepacked),
+"onnxruntime" (ONNX Runtime on the CPU), "cuda" (PyTorch on the GPU). "eager" and
+"compiled" need nothing beyond torch ("compiled" needs a C++ compiler, as inductor does).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import os
+import shutil
 import statistics
 import time
 import warnings
@@ -20,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-BACKENDS = ("eager", "onnxruntime", "cuda")
+BACKENDS = ("eager", "compiled", "onnxruntime", "cuda")
 
 # (backend, threads, layer signature, input shape) -> median milliseconds. Layers are timed with
 # their own (random) weights, but the time depends only on the signature and the input shape.
@@ -30,6 +34,10 @@ _CACHE: dict[tuple, float] = {}
 def check_backend(backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "compiled" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++")
+                                         if c):
+        raise ValueError("backend='compiled' needs a C++ compiler for torch.compile's inductor (none of $CXX, c++, "
+                         "g++, clang++ found); use 'eager' or 'onnxruntime'")
     if backend == "cuda" and not torch.cuda.is_available():
         raise ValueError("backend='cuda' but torch.cuda.is_available() is False; use 'eager' or 'onnxruntime'")
     if backend == "onnxruntime":
@@ -66,9 +74,38 @@ def _onnx_session(module: nn.Module, example: torch.Tensor):
     return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
+def compiled(module: nn.Module, example: torch.Tensor):
+    """`module` (a copy, in eval mode) compiled by torch.compile's inductor for inference at `example`'s shape,
+    with freezing: its weights become constants, so batch norm is folded into the convolutions and the
+    weights are prepacked. Compiled now (one call on `example`); call the result under torch.no_grad()."""
+    import torch._inductor.config as inductor_config
+
+    module = copy.deepcopy(module).eval()
+
+    def forward(x):
+        return module(x)
+
+    # Dynamo keeps compiled code on the code object it intercepts, up to a recompile limit per code
+    # object: one code object per compiled model, so that models compiled in turn (dense, then the export,
+    # then another batch size) neither share entries nor run into that limit and silently fall back to eager.
+    forward.__code__ = forward.__code__.replace(co_name=f"svdtrain_compiled_{id(module)}")
+    fast = torch.compile(forward, backend="inductor", dynamic=False)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        fast(example)
+    return fast
+
+
 def runner(module: nn.Module, example: torch.Tensor, backend: str):
     """A no-argument callable running one forward of `module` on `example` on the backend."""
     module = module.eval()
+    if backend == "compiled":
+        fast = compiled(module, example)
+
+        def run_compiled():
+            with torch.no_grad():
+                fast(example)
+
+        return run_compiled
     if backend == "onnxruntime":
         session, feed = _onnx_session(module, example), {"x": example.numpy()}
         return lambda: session.run(None, feed)
@@ -126,17 +163,30 @@ def layer_signature(module: nn.Module) -> tuple:
     return (type(module).__name__, *(getattr(module, k, None) for k in keys), getattr(module, "bias", None) is None)
 
 
+def _layer_runner(module: nn.Module, example: torch.Tensor, backend: str):
+    """`runner` for one layer. For "compiled", the layer runs as inductor runs a lone convolution (oneDNN on
+    channels_last tensors) but eagerly: compiling every candidate form would take seconds each. The
+    whole-model check of `export` runs on the real backend."""
+    if backend == "compiled":
+        module = copy.deepcopy(module).to(memory_format=torch.channels_last)
+        if example.dim() == 4:
+            example = example.contiguous(memory_format=torch.channels_last)
+        backend = "eager"
+    return runner(module, example, backend)
+
+
 def time_forms(forms: dict[str, nn.Module], input_shape: tuple, backend: str, budget_s: float = 0.5) -> dict[str, float]:
     """Median ms of each plain form at `input_shape` on `backend`, from the cache where it has them.
 
-    The number of repeats (5 to 20) is chosen so measuring takes about `budget_s` seconds.
+    The number of repeats (5 to 20) is chosen so measuring takes about `budget_s` seconds. Cached per
+    backend, torch threads, layer signature and input shape.
     """
     keys = {name: (backend, torch.get_num_threads(), layer_signature(m), tuple(input_shape))
             for name, m in forms.items()}
     missing = {name: m for name, m in forms.items() if keys[name] not in _CACHE}
     if missing:
         example = torch.randn(input_shape, dtype=next(next(iter(missing.values())).parameters()).dtype)
-        runners = {name: runner(m, example, backend) for name, m in missing.items()}
+        runners = {name: _layer_runner(m, example, backend) for name, m in missing.items()}
         once = median_ms(runners, repeats=1, warmup=1)
         repeats = max(5, min(20, int(budget_s * 1e3 / max(sum(once.values()), 1e-3))))
         for name, ms in median_ms(runners, repeats, warmup=0).items():
