@@ -20,6 +20,8 @@ def test_overrides_are_typed():
     assert (cfg.lr, cfg.augment, cfg.exclude_modules, cfg.model) == (3e-4, False, ("fc", "conv1"), "lenet5")
     assert cfg.milestones == (0.5,) and cfg.train_epochs == 7 and cfg.energy == 0.0
     assert load_config(None, ["exclude_modules=fc"]).exclude_modules == ("fc",)
+    assert load_config(None, ["latency_backends=compiled", "latency_batches=[1, 8]"]).latency_backends == ("compiled",)
+    assert load_config(None, ["latency_batches=[1, 8]"]).latency_batches == (1, 8)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -34,6 +36,9 @@ def test_overrides_are_typed():
     ("augment=yes", "'augment': got 'yes'; allowed: true or false"),
     ("sparsity=l2", "allowed: l1, hoyer, hoyer_square"),
     ("milestones=[1.5]", "milestones"),
+    ("latency_backends=[\"eager\", \"tvm\"]", "'latency_backends': got ['eager', 'tvm']; allowed: eager, compiled, onnxruntime"),
+    ("latency_batches=[1, 0]", "'latency_batches': got [1, 0]; allowed: ≥ 1"),
+    ("distill=1.5", "'distill': got 1.5; allowed: ≥ 0 and ≤ 1"),
     ("noequals", "expected key=value"),
 ])
 def test_bad_overrides_name_the_key_and_what_is_allowed(override, message, observed):

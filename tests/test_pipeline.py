@@ -1,5 +1,6 @@
 """The tool end to end: every stage and the CLI on synthetic data and on a slice of real Fashion-MNIST."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from svdtrain.recipes.data import FASHION_MNIST_DIR
 from svdtrain.recipes.pipeline import Run, load_exported
 
 SYNTHETIC = ["data=synthetic", "model=resnet20", "train_epochs=2", "sparsify_epochs=2", "finetune_epochs=1",
-             "lambda_s=0.05", "energy=0.2", "progress=false", "latency_repeats=3", "batch_size=64"]
+             "lambda_s=0.05", "energy=0.2", "progress=false", "latency_repeats=3", "latency_backends=eager",
+             "batch_size=64"]
 
 
 def run_cli(args, capsys):
@@ -220,3 +222,26 @@ def test_distillation_reaches_every_stage_after_train(tmp_path, capsys):
         rows = (folder / stage / "log.csv").read_text().splitlines()
         header, last = rows[0].split(","), rows[-1].split(",")
         assert (float(last[header.index("distillation")]) > 0) == active, stage
+
+
+def test_report_times_every_backend_and_names_the_deployment_one(tmp_path, capsys):
+    """The report times dense vs final on the export's backend first, then on the others, at each batch size;
+    its headline quotes the deployment backend and the speed-ups on all of them."""
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    code, out, err = run_cli(["run", *SYNTHETIC, "model=lenet5", "exclude_modules=fc3", "max_batches=2", "onnx=false",
+                              'latency_backends=["eager", "compiled", "onnxruntime"]', "latency_batches=[1, 4]",
+                              "export_strategy=latency", "export_backend=compiled", f"out_dir={tmp_path}"], capsys)
+    assert code == 0, err
+    (folder,) = tmp_path.iterdir()
+    final = json.loads((folder / "report.json").read_text())["final"]
+    table = final["latency"]
+    assert list(table) == ["compiled", "eager"] + (["onnxruntime"] if has_ort else [])
+    for by_batch in table.values():
+        assert list(by_batch) == ["1", "4"]
+        for g in by_batch.values():
+            assert g["dense_ms"] > 0 and g["final_ms"] > 0
+            assert g["speedup"] == pytest.approx(g["dense_ms"] / g["final_ms"], rel=1e-12)
+    assert final["latency_backend"] == "compiled" and final["latency_batch"] == 1
+    assert final["latency_ms"] == table["compiled"]["1"]["final_ms"]
+    assert "on compiled, the export's backend, batch 1" in out and "speed-up over dense at batch 1 / 4: compiled" in out
+    assert "| compiled | 4 |" in (folder / "report.md").read_text()

@@ -118,6 +118,10 @@ class RunConfig:
     progress: bool = True
     onnx: bool = True
     latency_repeats: int = field(default=30, metadata=_range(1))
+    latency_backends: tuple[str, ...] = field(default=("eager", "compiled", "onnxruntime"), metadata=_choice(
+        "eager", "compiled", "onnxruntime", doc=("the report times dense vs final on each (and on export_backend); "
+                                                 "one missing its extras is skipped with a note")))
+    latency_batches: tuple[int, ...] = field(default=(1, 32), metadata=_range(1, doc="batch sizes the report times"))
     keep_checkpoints: int = field(default=2, metadata=_range(1))
     out_dir: str = "runs"
 
@@ -194,7 +198,7 @@ def _check(f: dataclasses.Field, value):
     elif kind is str:
         if not isinstance(value, str):
             raise bad("one of " + ", ".join(meta["choices"]) if "choices" in meta else "a string")
-    else:  # tuple[str, ...] | tuple[float, ...]
+    else:  # tuple[str, ...] | tuple[int, ...] | tuple[float, ...]
         item = typing.get_args(kind)[0]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
@@ -202,12 +206,13 @@ def _check(f: dataclasses.Field, value):
                 isinstance(v, item) or (item is float and isinstance(v, int) and not isinstance(v, bool)) for v in value):
             raise bad(f"a list of {item.__name__}s")
         value = tuple(item(v) for v in value)
-    if "choices" in meta and value not in meta["choices"]:
+    items = value if isinstance(value, tuple) else (value,)  # a list's choices and range hold for each item
+    if "choices" in meta and any(v not in meta["choices"] for v in items):
         raise bad(", ".join(map(str, meta["choices"])))
     if "range" in meta:
         low, high, low_open, high_open = meta["range"]
-        if (low is not None and (value < low or (low_open and value == low))) or \
-                (high is not None and (value > high or (high_open and value == high))):
+        if any((low is not None and (v < low or (low_open and v == low))) or
+               (high is not None and (v > high or (high_open and v == high))) for v in items):
             raise bad(_range_text(meta).strip(" ,"))
     return value
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import svdtrain
-from svdtrain.latency import median_ms, runner
+from svdtrain.latency import check_backend, median_ms, runner
 
 from .train import write_atomic
 
@@ -37,6 +37,28 @@ def gpu_latency(dense: nn.Module, small: nn.Module, run, repeats: int, batches=(
     for batch in batches:
         ms = measure_latency({"dense": dense, "final": small}, run.example_input(batch), repeats, "cuda")
         out[str(batch)] = {"dense_ms": ms["dense"], "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
+    return out
+
+
+def latency_table(dense: nn.Module, small: nn.Module, run) -> dict:
+    """{backend: {batch: dense_ms, final_ms, speedup}}: dense vs final alternated, on the run's deployment
+    backend (export_backend) first, then each of latency_backends, at each of latency_batches. A backend
+    whose extras are missing is skipped with a note; the GPU has its own figures (gpu_latency)."""
+    cfg, out = run.cfg, {}
+    for backend in dict.fromkeys((cfg.export_backend, *cfg.latency_backends)):
+        if backend == "cuda":
+            continue
+        try:
+            check_backend(backend)
+        except ValueError as e:
+            run.echo(f"latency on {backend} not measured: {e}")
+            continue
+        out[backend] = {}
+        for batch in cfg.latency_batches:
+            ms = measure_latency({"dense": dense, "final": small}, run.example_input(batch), cfg.latency_repeats,
+                                 backend)
+            out[backend][str(batch)] = {"dense_ms": ms["dense"], "final_ms": ms["final"],
+                                        "speedup": ms["dense"] / ms["final"]}
     return out
 
 
@@ -73,7 +95,10 @@ def write_report(run) -> dict:
     small = load_exported(run.folder, run)
     exported = run.result("export")
     train = run.result("train")
-    latency = measure_latency({"dense": dense, "final": small}, example, cfg.latency_repeats)
+    table = latency_table(dense, small, run)
+    deployed = cfg.export_backend if cfg.export_backend in table else "eager"
+    batch = str(cfg.latency_batches[0])
+    latency = {"final": table[deployed][batch]["final_ms"], "dense": table[deployed][batch]["dense_ms"]}
     report = {
         "dense": {
             "accuracy": train["accuracy"] if train["form"] == "dense" else None,
@@ -86,8 +111,11 @@ def write_report(run) -> dict:
             "flops": exported["flops"],
             "conv_flops": conv_flops(small, example),
             "params": exported["params"],
-            "latency_ms": latency["final"],
+            "latency_ms": latency["final"],  # on the deployment backend, at the first of latency_batches
             "dense_latency_ms": latency["dense"],
+            "latency_backend": deployed,
+            "latency_batch": int(batch),
+            "latency": table,
         },
         "stages": {stage: run.result(stage) for stage in ("train", "sparsify", "prune", "finetune")},
         "layers": exported["layers"],
@@ -118,9 +146,17 @@ def _headline(report: dict) -> str:
         acc += f" on {report['config']['val_subset']} held-out training images"
     gpu = "".join(f"; GPU batch {b}: {g['final_ms']:.2f} vs {g['dense_ms']:.2f} ms ({g['speedup']:.2f}×)"
                   for b, g in f.get("gpu_latency", {}).items())
+    where = f["latency_backend"] + (", the export's backend"
+                                    if f["latency_backend"] == report["config"]["export_backend"] else "")
+    table = f.get("latency", {})
+    batches = " / ".join(next(iter(table.values()), {}))
+    speedups = ", ".join(f"{backend} " + " / ".join(f"{g['speedup']:.2f}×" for g in by_batch.values())
+                       for backend, by_batch in table.items())
     return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "
             f"params, latency {f['latency_ms']:.2f} ms vs dense {f['dense_latency_ms']:.2f} ms "
-            f"({f['speedup']:.2f}×, batch 1, {report['environment']['threads']} threads){gpu}")
+            f"({f['speedup']:.2f}× on {where}, batch {f['latency_batch']}, "
+            f"{report['environment']['threads']} threads){gpu}"
+            + (f"\n  speed-up over dense at batch {batches}: {speedups}" if speedups else ""))
 
 
 def _markdown(report: dict) -> str:
@@ -136,7 +172,7 @@ def _markdown(report: dict) -> str:
         f"(λ_s = {cfg['lambda_s']}, λ_o = {cfg['lambda_o']}), epochs train/sparsify/finetune "
         f"{cfg['train_epochs']}/{cfg['sparsify_epochs']}/{cfg['finetune_epochs']}.",
         "",
-        "| | accuracy | FLOPs | conv FLOPs | params | latency (batch 1) |",
+        f"| | accuracy | FLOPs | conv FLOPs | params | latency ({f['latency_backend']}, batch {f['latency_batch']}) |",
         "|---|---:|---:|---:|---:|---:|",
         f"| dense | {acc(d['accuracy'])} | {d['flops']:,} | {d['conv_flops']:,} | {d['params']:,} | "
         f"{f['dense_latency_ms']:.3f} ms |",
@@ -147,6 +183,14 @@ def _markdown(report: dict) -> str:
         "",
         *[f"On the GPU at batch {b}: {g['final_ms']:.3f} ms vs dense {g['dense_ms']:.3f} ms, "
           f"{g['speedup']:.2f}× faster." for b, g in f.get("gpu_latency", {}).items()],
+        "",
+        f"## Latency (median ms per forward, dense vs final alternated; the export targeted "
+        f"`{cfg['export_backend']}` with strategy `{cfg['export_strategy']}`)",
+        "",
+        "| backend | batch | dense | final | speed-up |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {backend} | {b} | {g['dense_ms']:.3f} ms | {g['final_ms']:.3f} ms | {g['speedup']:.2f}× |"
+          for backend, by_batch in f.get("latency", {}).items() for b, g in by_batch.items()],
         "",
         "## Stages",
         "",
