@@ -149,7 +149,7 @@ def _headline(report: dict) -> str:
     where = f["latency_backend"] + (", the export's backend"
                                     if f["latency_backend"] == report["config"]["export_backend"] else "")
     table = f.get("latency", {})
-    batches = " / ".join(next(iter(table.values()), {}))
+    batches = " / ".join(map(str, report["config"]["latency_batches"]))
     speedups = ", ".join(f"{backend} " + " / ".join(f"{g['speedup']:.2f}×" for g in by_batch.values())
                        for backend, by_batch in table.items())
     return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "

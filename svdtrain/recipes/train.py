@@ -256,6 +256,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     steps = math.ceil(len(train) / cfg.batch_size)
     steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
     cuts = cut_schedule(stage.epochs, steps, stage.rank_cuts)
+    weight = cfg.distill if teacher is not None else 0.0  # of the distillation term against the cross-entropy
     for epoch in range(start, stage.epochs):
         lr = stage.lr * lr_factor(cfg, epoch, stage.epochs)
         for group in opt.param_groups:
@@ -283,7 +284,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 with torch.no_grad(), torch.autocast(cluster.device.type, torch.bfloat16, enabled=cfg.amp == "bf16"):
                     target = teacher(x)
                 distill = distillation_sum(out, target, cfg.distill_temperature)
-            fitted = task_sum if teacher is None else (1 - cfg.distill) * task_sum + cfg.distill * distill
+            fitted = (1 - weight) * task_sum + weight * distill if weight else task_sum
             ortho = _regularizer(svd, stage.lambda_o, svdtrain.orthogonality_loss, model)
             sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
             nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
@@ -324,7 +325,6 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         seconds = time.perf_counter() - started
         means = {"task_loss": task / seen, "orthogonality": ortho / seen, "sparsity": sparse / seen,
                  "nuclear": nuclear / seen, "distillation": distill / seen}
-        weight = cfg.distill if teacher is not None else 0.0
         loss = (1 - weight) * means["task_loss"] + weight * means["distillation"] \
             + stage.lambda_o * means["orthogonality"] + stage.lambda_s * means["sparsity"] \
             + stage.nuclear * means["nuclear"]
