@@ -77,6 +77,9 @@ NEW_RECIPE = "svd_gradual"
 # The same help for every method: batch-norm statistics re-estimated on 2,048 training images right
 # after the structural change (rank cut, truncation, channel removal), before fine-tuning.
 HELP = {"bn_recalibrate": 2048}
+# Budgets met as closely as the ranks allow (no rounding of ranks to multiples, the tool's default for
+# speed): the sweep compares accuracy at matched FLOPs, and its budgets go below what rounded ranks reach.
+EXACT = {"rank_multiple": 1}
 # The tuning budget, the same for every method: its own settings above, one alternative of its own,
 # and fine-tuning at a lower lr (for a model that is still accurate after its cut, the default 3e-4
 # can undo more than it recovers), tried on the validation split; the one with the highest
@@ -121,7 +124,7 @@ def ablations(recipe: dict) -> dict[str, dict]:
 
 def resolved(settings: dict, target: float) -> RunConfig:
     """The whole config a method's point runs with (the help every method gets included)."""
-    return RunConfig(**{**HELP, **settings}, prune_flops=target)
+    return RunConfig(**{**HELP, **EXACT, **settings}, prune_flops=target)
 
 
 def _say(text: str):

@@ -89,6 +89,14 @@ def _fraction(name: str, value) -> float:
     return float(value)
 
 
+def default_multiple(full_rank: int) -> int:
+    """The rank multiple a budget rounds a layer's rank to by default: the largest power of two ≤ 16 and ≤ a
+    third of the layer's full rank. CPU convolution and GEMM kernels work on blocks of 8 or 16 channels
+    (ONNX Runtime's NCHWc layout uses 16 with AVX-512), and a thin pair whose inner size is off those blocks
+    runs slower than its FLOPs say; the cap keeps at least three ranks to choose from in small layers."""
+    return 1 << max(0, min(4, (max(1, full_rank // 3)).bit_length() - 1))
+
+
 def rank_grid(rank: int, multiple: int) -> list[int]:
     """The ranks at which a layer's thin pair is timed: multiples of `multiple`, denser at low rank, plus `rank`."""
     fractions = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)
@@ -99,13 +107,13 @@ class _LatencyTables:
     """Predicted latency of the exported model: measured dense and thin-pair times per layer (thin at a grid of
     ranks, interpolated), plus the rest of the model (whole dense model minus its decomposed layers)."""
 
-    def __init__(self, model: nn.Module, example_inputs, shapes: dict, backend: str, multiple: int):
+    def __init__(self, model: nn.Module, example_inputs, shapes: dict, backend: str, multiples: list[int]):
         from .export import dense_copy
         from .latency import median_ms, runner, time_forms
 
         self.tables = []  # per layer: (dense ms, [(rank, thin ms), ...]); empty for a layer that never runs
         dense_sum = 0.0
-        for name, layer in svd_layers(model):
+        for (name, layer), multiple in zip(svd_layers(model), multiples):
             if not shapes[name]:
                 self.tables.append((0.0, [(layer.rank, 0.0)]))
                 continue
@@ -148,10 +156,10 @@ def _interpolate(points: list[tuple[int, float]], rank: int) -> float:
 
 
 def _greedy_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], current: list[int], budget_ms: float,
-                        multiple: int, min_rank: int) -> list[int]:
+                        multiples: list[int], min_rank: int) -> list[int]:
     """Ranks that meet `budget_ms` (predicted), removing the least energy per millisecond saved.
 
-    Repeatedly moves the one layer, to the one lower rank (a multiple of `multiple`),
+    Repeatedly moves the one layer, to the one lower rank (a multiple of its entry in `multiples`),
     with the most predicted time saved per fraction of that layer's energy removed;
     a move may jump several steps, so a layer whose thin pair only beats the dense
     layer below some rank can get there.
@@ -162,7 +170,7 @@ def _greedy_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], curre
     layer_ms = tables.layer_ms
     while tables(ranks) > budget_ms:
         best = None
-        for i, rank in enumerate(ranks):
+        for i, (rank, multiple) in enumerate(zip(ranks, multiples)):
             now = layer_ms(i, rank)
             for lower in range(multiple * ((rank - 1) // multiple), floor[i] - 1, -multiple):
                 lower = max(lower, floor[i])
@@ -183,7 +191,8 @@ def _greedy_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], curre
 class _ExportCost:
     """FLOPs, parameters and (optionally) latency of the exported model as a function of the SVD layers' ranks."""
 
-    def __init__(self, model: nn.Module, example_inputs, backend: str | None = None, multiple: int = 1):
+    def __init__(self, model: nn.Module, example_inputs, backend: str | None = None,
+                 multiples: list[int] | None = None):
         self.layers = svd_layers(model)
         self.rest_params = count_params(model) - sum(count_params(layer) for _, layer in self.layers)
         self.shapes, self.rest_flops, self.latency = {name: [] for name, _ in self.layers}, None, None
@@ -192,7 +201,7 @@ class _ExportCost:
             total, per_module = _flops(model, example_inputs)
             self.rest_flops = total - sum(per_module.get(name, 0) for name, _ in self.layers)
         if backend is not None:
-            self.latency = _LatencyTables(model, example_inputs, self.shapes, backend, multiple)
+            self.latency = _LatencyTables(model, example_inputs, self.shapes, backend, multiples)
 
     def __call__(self, ranks: list[int] | None = None) -> dict:
         """{"flops", "params", "latency"} of the export at `ranks` (None = every layer dense)."""
@@ -226,8 +235,10 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
         backend: "eager", "compiled", "onnxruntime" or "cuda", for a latency budget.
         min_rank: no layer goes below this rank.
         rank_multiple: ranks are rounded up to a multiple of this (capped at the
-            current rank), sizes the backend runs well; default 8 for a latency
-            budget, else 1.
+            current rank), sizes the backend runs well. Default for a budget
+            (flops, params, latency): per layer, the largest power of two ≤ 16
+            and ≤ a third of the layer's full rank (`default_multiple`); for
+            energy: 1, the energy rule as it is. 1 turns rounding off.
 
     Rebuild the optimizer afterwards: the parameters are new.
 
@@ -242,9 +253,9 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
         raise ValueError(f"prune_ needs exactly one of energy=, flops=, params=, latency=; got {sorted(given) or 'none'}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank={min_rank!r}; allowed: an int ≥ 1")
-    multiple = rank_multiple if rank_multiple is not None else (8 if latency is not None else 1)
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"rank_multiple={rank_multiple!r}; allowed: an int ≥ 1")
+    if rank_multiple is not None and (isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int)
+                                      or rank_multiple < 1):
+        raise ValueError(f"rank_multiple={rank_multiple!r}; allowed: an int ≥ 1, or None for the default")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
                                or math.isnan(energy) or not 0 <= energy < 1):
         raise ValueError(f"energy={energy!r}; allowed: 0 ≤ energy < 1, the fraction of each layer's Σ s² "
@@ -259,17 +270,20 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
     if not layers:
         raise ValueError("prune_: the model has no SVD layers; call svdtrain.decompose_(model, config) first")
 
-    cost = _ExportCost(model, example_inputs, backend if knob == "latency" else None, multiple)
+    multiples = [rank_multiple or (1 if knob == "energy" else default_multiple(layer.full_rank))
+                 for _, layer in layers]
+    cost = _ExportCost(model, example_inputs, backend if knob == "latency" else None, multiples)
     tails = [tail_energy(layer.s) for _, layer in layers]
     current = [layer.rank for _, layer in layers]
 
     def ranks_at(e: float) -> list[int]:
-        return [min(r, multiple * math.ceil(rank_for_energy(t, e, min_rank) / multiple))
-                for t, r in zip(tails, current)]
+        return [min(r, m * math.ceil(rank_for_energy(t, e, min_rank) / m))
+                for t, r, m in zip(tails, current, multiples)]
 
     dense, before = cost(None), cost(current)
     if knob == "latency":
-        new_ranks = _greedy_for_latency(cost.latency, tails, current, fraction * dense["latency"], multiple, min_rank)
+        new_ranks = _greedy_for_latency(cost.latency, tails, current, fraction * dense["latency"], multiples,
+                                        min_rank)
         energy = None
     else:
         if fraction is not None:
@@ -277,8 +291,9 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
             smallest = cost(ranks_at(math.nextafter(1.0, 0.0)))[knob] / dense[knob]
             if smallest > fraction:
                 raise ValueError(f"{knob}={fraction} is impossible: with every layer at min_rank={min_rank} "
-                                 f"(rank_multiple={multiple}) the export still has {smallest:.4f} of the dense model's "
-                                 f"{knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1, or a lower min_rank")
+                                 f"(rank_multiple={rank_multiple or 'default'}) the export still has "
+                                 f"{smallest:.4f} of the dense model's {knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1, "
+                                 "or a lower min_rank or rank_multiple")
             # Cost only falls as the energy knob rises, and ranks only change where the knob
             # crosses some layer's tail energy: bisect over those values for the least pruning.
             values = torch.cat([t[..., 1:].flatten() for t in tails]).unique()

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from torch import nn
 from conftest import SmallNet, rel_err
 from svdtrain import SVDConfig, SVDLinear, count_flops, count_params, decompose_, export, prune_
 from svdtrain.layers import svd_layers
+from svdtrain.prune import default_multiple
 from svdtrain.recipes.models import resnet20
 
 X = torch.randn(1, 3, 16, 16)
@@ -66,17 +68,36 @@ def test_flops_budget_is_met_by_the_exported_model(decomposition, budget):
     model, x = resnet20().eval(), torch.randn(1, 3, 32, 32)
     dense_flops = count_flops(model, x)
     decompose_(model, SVDConfig(decomposition=decomposition))
-    report = prune_(model, flops=budget, example_inputs=x)
+    report = prune_(model, flops=budget, example_inputs=x, rank_multiple=1)  # every rank allowed: a tight fit
     achieved = count_flops(export(model, x), x) / dense_flops
     assert report.dense_flops == dense_flops
     assert report.flops_after == count_flops(export(model, x), x)
     assert budget - 0.02 <= achieved <= budget
 
 
+def test_default_multiples():
+    assert [default_multiple(r) for r in (1, 3, 6, 16, 24, 47, 48, 192, 4096)] == [1, 1, 2, 4, 8, 8, 16, 16, 16]
+
+
+@pytest.mark.parametrize("decomposition, budget", [("channel", 0.35), ("spatial", 0.5)])
+def test_budgets_round_ranks_to_the_default_multiples(decomposition, budget):
+    torch.manual_seed(0)
+    model, x = resnet20().eval(), torch.randn(1, 3, 32, 32)
+    dense_flops = count_flops(model, x)
+    decompose_(model, SVDConfig(decomposition=decomposition))
+    unrounded = prune_(copy.deepcopy(model), flops=budget, example_inputs=x, rank_multiple=1)
+    report = prune_(model, flops=budget, example_inputs=x)
+    for (_, layer), row in zip(svd_layers(model), report.layers):
+        assert row["rank_after"] % default_multiple(layer.full_rank) == 0 or row["rank_after"] == row["rank_before"]
+    assert [r["rank_after"] for r in report.layers] != [r["rank_after"] for r in unrounded.layers]
+    assert budget - 0.1 <= count_flops(export(model, x), x) / dense_flops <= budget
+    assert report.flops_after == count_flops(export(model, x), x)
+
+
 @pytest.mark.parametrize("budget", [0.7, 0.4])
 def test_params_budget_is_met_by_the_exported_model(budget):
     model, _, dense_params = decomposed()
-    report = prune_(model, params=budget)
+    report = prune_(model, params=budget, rank_multiple=1)
     achieved = count_params(export(model, None)) / dense_params
     assert report.dense_params == dense_params and report.params_after == count_params(export(model, None))
     assert budget - 0.02 <= achieved <= budget
@@ -113,6 +134,8 @@ def test_report_counts_match_the_export():
     (dict(flops=1e-4, example_inputs=X), "impossible"),
     (dict(params=1e-4), "impossible"),
     (dict(energy=0.1, min_rank=0), "min_rank"),
+    (dict(energy=0.1, rank_multiple=0), "rank_multiple"),
+    (dict(params=0.02, rank_multiple=8), r"impossible.*rank_multiple=8"),
 ])
 def test_bad_input_raises(kwargs, message):
     model, _, _ = decomposed()

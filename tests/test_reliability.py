@@ -381,6 +381,8 @@ BAD_INPUTS = [
     ("a config file of random bytes", ["{random_config}"], "not a readable TOML config"),
     ("a YAML config file", ["{yaml_config}"], "not a readable TOML config"),
     ("a config name that does not exist", ["no_such_recipe"], "no config file"),
+    *([("a latency export on a GPU this machine lacks", ["export_strategy=latency", "export_backend=cuda"],
+        "torch.cuda.is_available")] if not torch.cuda.is_available() else []),
 ]
 
 

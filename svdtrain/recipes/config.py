@@ -71,6 +71,9 @@ class RunConfig:
     prune_flops: float = field(default=0.33, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
     prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
     min_rank: int = field(default=1, metadata=_range(1))
+    rank_multiple: int = field(default=0, metadata=_range(0, doc=(
+        "a FLOPs / params budget rounds ranks up to multiples of this (sizes CPU kernels run well); "
+        "0 = per layer, the largest power of two ≤ 16 and ≤ a third of its full rank; 1 = no rounding")))
     prune_cuts: int = field(default=8, metadata=_range(0, doc=(
         "svd: cut ranks toward prune_flops / prune_params this many times during sparsify, on a cubic schedule "
         "ending at the budget; 0 = one cut in the prune stage (the paper); other methods ignore it")))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import svdtrain
+from svdtrain.latency import check_backend
 from svdtrain.layers import svd_layers
 from svdtrain.prune import PruneReport
 
@@ -107,6 +108,8 @@ class Run:
         """What would otherwise fail hours later: the data loads, the model builds and takes its images, the
         dense checkpoint fits it, it has layers to decompose, and a FLOPs / params budget is reachable."""
         cfg, example = self.cfg, self.example_input(2)
+        if cfg.export_strategy == "latency":
+            check_backend(cfg.export_backend)  # its extras or compiler, before hours of training
         model = self.starting_model().eval()
         try:
             with torch.no_grad():
@@ -118,7 +121,8 @@ class Run:
             self.decompose(model)
             if cfg.prune_flops or cfg.prune_params:
                 knob = {"flops": cfg.prune_flops} if cfg.prune_flops else {"params": cfg.prune_params}
-                svdtrain.prune_(model, **knob, example_inputs=example[:1], min_rank=cfg.min_rank)
+                svdtrain.prune_(model, **knob, example_inputs=example[:1], min_rank=cfg.min_rank,
+                                rank_multiple=cfg.rank_multiple or None)
 
     def space_needed(self) -> int:
         """Bytes a run writes at most: per training stage its kept epoch checkpoints plus the one being saved
@@ -233,7 +237,8 @@ class Run:
         knob = ({"flops": fraction or cfg.prune_flops} if cfg.prune_flops else
                 {"params": fraction or cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
         device = next(model.parameters()).device
-        return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), min_rank=cfg.min_rank)
+        return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), min_rank=cfg.min_rank,
+                               rank_multiple=cfg.rank_multiple or None)
 
     def gradual_cut(self, model: nn.Module, progress: float) -> bool:
         """One cut of the cubic schedule (Zhu & Gupta's gradual pruning): at `progress` p of the stage the
