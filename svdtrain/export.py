@@ -14,6 +14,7 @@ from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
 from .stats import trace_svd_layers
 
 STRATEGIES = ("flops", "latency")
+TIE = 1.03  # forms or models within 3 % of each other's time are a tie on a shared machine
 
 
 def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", backend: str = "eager") -> dict:
@@ -21,7 +22,8 @@ def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", bac
 
     strategy "flops": the form with fewer FLOPs at example_inputs (by parameters
     when None). "latency": the form measured faster at the layer's input shape on
-    `backend` (timings are cached per layer shape, rank, input shape and backend).
+    `backend` (timings are cached per layer shape, rank, input shape and backend);
+    within 3 % of each other, the one with fewer FLOPs.
     A layer whose `.weight` a parent reads outside the layer's forward is always
     dense, so the parent still finds its weight.
     """
@@ -44,8 +46,10 @@ def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", bac
             entry.update(form="dense", why="weight read by its parent")
         elif strategy == "latency" and shapes:
             ms = time_forms({"dense": layer.to_dense(), "thin": layer.to_thin_pair()}, shapes[0], backend)
-            entry.update(form=min(ms, key=ms.get), why=f"{backend}: dense {ms['dense']:.3f} ms, thin "
-                                                       f"{ms['thin']:.3f} ms")
+            form = min(ms, key=ms.get)
+            if max(ms.values()) <= TIE * min(ms.values()):  # a tie within timing noise: fewer FLOPs decide
+                form = "thin" if layer.exported_thin(shapes) else "dense"
+            entry.update(form=form, why=f"{backend}: dense {ms['dense']:.3f} ms, thin {ms['thin']:.3f} ms")
         else:
             entry.update(form="thin" if layer.exported_thin(shapes) else "dense",
                          why="fewer FLOPs" if shapes else "fewer parameters (never ran)")
@@ -95,7 +99,7 @@ def export(model: nn.Module, example_inputs, strategy: str = "flops", backend: s
                           "small": runner(small, example_inputs, backend)}, budget_s=2.0)
         # Keep the thin pairs only when clearly faster: per-layer timings can promise a gain that the
         # whole model, within the noise of a shared machine, does not deliver.
-        if statistics.median(ms["small"]) > 0.97 * statistics.median(ms["dense"]):
+        if statistics.median(ms["small"]) * TIE > statistics.median(ms["dense"]):
             return dense
     return small
 

@@ -5,10 +5,12 @@ replaces, most of all at small inputs and batch 1. So export can time, per layer
 and at the real input shape, the dense form and the thin pair on the backend the
 model will run on, and keep the faster one.
 
-Backends: "eager" (PyTorch on the CPU), "compiled" (torch.compile with inductor and
-freezing: batch norm folded into the convolutions, activations fused, weights prepacked),
-"onnxruntime" (ONNX Runtime on the CPU), "cuda" (PyTorch on the GPU). "eager" and
-"compiled" need nothing beyond torch ("compiled" needs a C++ compiler, as inductor does).
+Backends: "eager" (PyTorch on the CPU), "eager_prepared" (eager after the usual CPU
+preparation: batch norm folded into the convolutions by torch.fx, channels_last),
+"compiled" (torch.compile with inductor and freezing: batch norm folded, activations fused,
+weights prepacked), "onnxruntime" (ONNX Runtime on the CPU), "cuda" (PyTorch on the GPU).
+The PyTorch ones need nothing beyond torch ("compiled" needs a C++ compiler, as inductor does;
+"eager_prepared" a model torch.fx can trace).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-BACKENDS = ("eager", "compiled", "onnxruntime", "cuda")
+BACKENDS = ("eager", "eager_prepared", "compiled", "onnxruntime", "cuda")
 
 # (backend, threads, layer signature, input shape) -> median milliseconds. Layers are timed with
 # their own (random) weights, but the time depends only on the signature and the input shape.
@@ -74,6 +76,18 @@ def _onnx_session(module: nn.Module, example: torch.Tensor):
     return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
+def prepared(module: nn.Module) -> nn.Module:
+    """A copy of `module` prepared for eager CPU inference: conv-BN folding (torch.fx) and channels_last."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(copy.deepcopy(module).eval())
+    except Exception as e:  # torch.fx raises many kinds of errors on code it cannot trace
+        raise ValueError(f"backend='eager_prepared' needs a model torch.fx can trace ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); use 'eager' or 'compiled'") from None
+    return folded.to(memory_format=torch.channels_last)
+
+
 def compiled(module: nn.Module, example: torch.Tensor):
     """`module` (a copy, in eval mode) compiled by torch.compile's inductor for inference at `example`'s shape,
     with freezing: its weights become constants, so batch norm is folded into the convolutions and the
@@ -106,6 +120,9 @@ def runner(module: nn.Module, example: torch.Tensor, backend: str):
                 fast(example)
 
         return run_compiled
+    if backend == "eager_prepared":
+        module = prepared(module)
+        example = example.contiguous(memory_format=torch.channels_last) if example.dim() == 4 else example
     if backend == "onnxruntime":
         session, feed = _onnx_session(module, example), {"x": example.numpy()}
         return lambda: session.run(None, feed)

@@ -49,10 +49,14 @@ def fake_times(monkeypatch, thin_factor: float, whole_small_factor: float):
 
 
 def test_latency_layout_follows_the_measured_times(monkeypatch):
-    model = pruned_resnet()
-    fake_times(monkeypatch, thin_factor=1.0, whole_small_factor=0.5)
+    model = pruned_resnet(energy=0.1)
     by_flops = {n: e["form"] for n, e in export_layout(model, X).items()}
-    assert {n: e["form"] for n, e in export_layout(model, X, "latency").items()} == by_flops
+    assert set(by_flops.values()) == {"dense", "thin"}  # 19 thin, 2 dense
+    for tie in (1.0, 1.02):  # within 3 %: fewer FLOPs decide
+        fake_times(monkeypatch, thin_factor=tie, whole_small_factor=0.5)
+        assert {n: e["form"] for n, e in export_layout(model, X, "latency").items()} == by_flops
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)  # thin clearly faster, even with more FLOPs
+    assert {e["form"] for e in export_layout(model, X, "latency").values()} == {"thin"}
     fake_times(monkeypatch, thin_factor=100.0, whole_small_factor=0.5)  # thin pairs measured very slow
     assert {e["form"] for e in export_layout(model, X, "latency").values()} == {"dense"}
 
@@ -70,7 +74,7 @@ def test_latency_export_is_never_slower_than_dense(monkeypatch, backend):
         assert rel_err(small(X), model(X)) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["eager", "eager_prepared", "compiled", "onnxruntime"])
 def test_real_latency_export_keeps_the_function(backend):
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")

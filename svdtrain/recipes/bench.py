@@ -92,28 +92,18 @@ def overhead(rounds: int = 15, steps: int = 3, batch: int = 128, threads: int = 
 
 # --- inference latency -----------------------------------------------------------------------------------------
 
-LATENCY_MODELS = {  # name: (builder arguments, input shape without batch, rank multiple)
-    # 16 floats fill an AVX-512 register; ResNet-20's 16-channel layers need 8 to be factored at all.
+LATENCY_MODELS = {  # name: (builder arguments, input shape without batch, rank multiple; None = prune_'s default)
+    # ResNet-20's 16-channel layers need 8 to be factored at all. ResNet-50 takes prune_'s default (16 on every
+    # one of its layers: 16 floats fill an AVX-512 register), so its points are the plain library calls.
     "resnet20": ((10, 3, 32), (3, 32, 32), 8),
-    "resnet50": ((1000, 3, 224), (3, 224, 224), 16),
+    "resnet50": ((1000, 3, 224), (3, 224, 224), None),
     "lenet300": ((10, 1, 28), (1, 28, 28), 8),
 }
 
 
-def prepare_for_cpu(model: nn.Module) -> nn.Module:
-    """The usual CPU inference preparation in eager PyTorch: conv-BN folding (torch.fx) and channels_last."""
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
-
-
-def _compare(dense: nn.Module, small: nn.Module, x: torch.Tensor, backend: str, budget_s: float) -> dict:
+def _compare(dense_runner, small: nn.Module, x: torch.Tensor, backend: str, budget_s: float) -> dict:
     """Alternated timing of dense vs small; repeats sized so the point takes about `budget_s` seconds."""
-    if backend == "eager_prepared":
-        dense, small = prepare_for_cpu(dense), prepare_for_cpu(small)
-        x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x
-        backend = "eager"
-    ms = timings_for({"dense": runner(dense, x, backend), "small": runner(small, x, backend)}, budget_s)
+    ms = timings_for({"dense": dense_runner, "small": runner(small, x, backend)}, budget_s)
     ratios = sorted(d / s for d, s in zip(ms["dense"], ms["small"]))
     q = statistics.quantiles(ratios, n=4)
     return {"dense_ms": statistics.median(ms["dense"]), "ms": statistics.median(ms["small"]),
@@ -122,16 +112,17 @@ def _compare(dense: nn.Module, small: nn.Module, x: torch.Tensor, backend: str, 
 
 
 def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35), batches=(1, 32),
-            backends=("eager", "eager_prepared", "onnxruntime"), bar_batch: int = 8, rank_multiple: int | None = None,
+            backends=("eager", "eager_prepared", "compiled", "onnxruntime"), bar_batch: int = 8,
+            rank_multiple: int | None = None,
             threads: int = 2, budget_s: float = 3.0,
             out: Path = ROOT / "benchmarks" / "results" / "latency.json", results: Path | None = None,
             command: str = "svdtrain bench latency") -> dict:
     """Measured speed-up of exported models over their dense originals, per model, FLOPs level, batch, backend.
 
     Each model (random weights, decomposed channel-wise except its classifier) is pruned to each FLOPs
-    level with ranks rounded to `rank_multiple` (default: per model, LATENCY_MODELS), then exported with strategy="latency" for each backend
-    and batch, and timed against the dense model alternately. "eager_prepared" times both models after
-    the same CPU preparation (conv-BN folding and channels_last); its export decisions are eager's.
+    level with ranks rounded to `rank_multiple` (default: per model, LATENCY_MODELS), then exported with
+    strategy="latency" for each backend and batch (decisions timed on that backend), and timed against the
+    dense model alternately on it. "eager_prepared" and "compiled" prepare both models the same way.
     """
     torch.set_num_threads(threads)
     records = []
@@ -149,28 +140,25 @@ def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35
         points = [(level, batch) for level in levels for batch in batches]
         if name == "resnet50":
             points.append((1 / 3, bar_batch))
-        pruned = {}
+        pruned, dense_runners = {}, {}
         for level, batch in points:
             if level not in pruned:
                 pruned[level] = copy.deepcopy(base)
                 svdtrain.prune_(pruned[level], flops=level, example_inputs=x1, rank_multiple=multiple)
             x = torch.randn(batch, *shape)
-            exported = {}  # one export per export backend: eager and eager_prepared time the same model
             for backend in backends:
                 t0 = time.perf_counter()
-                export_backend = "eager" if backend == "eager_prepared" else backend
-                if export_backend not in exported:
-                    layout = svdtrain.export_layout(pruned[level], x, strategy="latency", backend=export_backend)
-                    small = svdtrain.export(pruned[level], x, strategy="latency", backend=export_backend).eval()
-                    exported[export_backend] = (small, layout)
-                small, layout = exported[export_backend]
+                layout = svdtrain.export_layout(pruned[level], x, strategy="latency", backend=backend)
+                small = svdtrain.export(pruned[level], x, strategy="latency", backend=backend).eval()
+                if (backend, batch) not in dense_runners:  # compiled once per batch, not per level
+                    dense_runners[backend, batch] = runner(dense, x, backend)
                 thin = sum(e["form"] == "thin" for e in layout.values())
                 flops = svdtrain.count_flops(small, x1)
                 record = {"model": name, "input": list(shape), "flops_level": level, "batch": batch,
-                          "backend": backend, "rank_multiple": multiple, "dense_flops": dense_flops,
+                          "backend": backend, "rank_multiple": multiple or "default", "dense_flops": dense_flops,
                           "flops": flops, "flops_speedup": dense_flops / flops, "thin_layers": thin,
                           "layers": len(layout), "fell_back_to_dense": thin > 0 and flops == dense_flops,
-                          **_compare(dense, small, x, backend, budget_s)}
+                          **_compare(dense_runners[backend, batch], small, x, backend, budget_s)}
                 record["efficiency"] = record["speedup"] / record["flops_speedup"]
                 record["wall_s"] = time.perf_counter() - t0
                 records.append(record)
@@ -204,12 +192,15 @@ def _latency_markdown(result: dict) -> str:
         f"{result['wall_s'] / 60:.0f} min wall.",
         "",
         "Random-weight models decomposed channel-wise (classifier dense), pruned to a FLOPs level with "
-        "`prune_(flops=level, rank_multiple=m)` (m = 8 for ResNet-20 and LeNet-300-100, 16 for ResNet-50), "
+        "`prune_(flops=level, rank_multiple=m)` (m = 8 for ResNet-20 and LeNet-300-100; for ResNet-50 no "
+        "rank_multiple, prune_'s default, which is 16 on all its layers), "
         "exported with `export(strategy=\"latency\", backend=...)` at each batch, then timed against the dense model, "
         "alternating in one process (median of repeats; speed-up IQR over repeats). *eager* is the nn.Module as "
         "exported; *eager_prepared* applies the usual CPU inference preparation (conv-BN folding with torch.fx and "
-        "channels_last) to **both** models; *onnxruntime* is ONNX Runtime's CPU provider (its own graph "
-        "optimizations, same threads).",
+        "channels_last) to **both** models; *compiled* is `torch.compile` (inductor, freezing: batch norm folded, "
+        "weights prepacked) of both; *onnxruntime* is ONNX Runtime's CPU provider (its own graph optimizations, "
+        "same threads). Each backend's export decisions are timed on that backend (for *compiled*, per layer as "
+        "inductor runs a lone convolution, the whole-model never-slower check compiled).",
         "",
         "| model | FLOPs level | batch | backend | FLOPs speed-up | measured speed-up (IQR) | dense → exported (ms) "
         "| efficiency | thin layers |",
@@ -226,7 +217,7 @@ def _latency_markdown(result: dict) -> str:
               f"- every point ≥ 0.97×: **{'met' if bars['every_point_at_least_0.97'] else 'not met'}** (slowest: "
               + (f"{slow['model']} level {slow['flops_level']:.2f} batch {slow['batch']} {slow['backend']} "
                  f"{slow['speedup']:.2f}×)" if slow else "—)")]
-    need = {"onnxruntime": 2.6, "eager": 2.2, "eager_prepared": 2.2}
+    need = {"onnxruntime": 2.6, "compiled": 2.6, "eager": 2.2, "eager_prepared": 2.2}
     for backend, r in bars["resnet50_batch8"].items():
         lines.append(f"- ResNet-50, batch {result['bar_batch']}, FLOPs ÷{r['flops_speedup']:.2f}, {backend}: "
                      f"×{r['speedup']:.2f} (efficiency {r['efficiency']:.2f}; bar ≥ {need[backend]}×: "
