@@ -15,6 +15,7 @@ The PyTorch ones need nothing beyond torch ("compiled" needs a C++ compiler, as 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -31,6 +32,18 @@ BACKENDS = ("eager", "eager_prepared", "compiled", "onnxruntime", "cuda")
 # (backend, threads, layer signature, input shape) -> median milliseconds. Layers are timed with
 # their own (random) weights, but the time depends only on the signature and the input shape.
 _CACHE: dict[tuple, float] = {}
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op threads (and so ONNX Runtime's, see _onnx_session) set to n inside the block; 0 = as they are."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_backend(backend: str):

@@ -7,8 +7,9 @@ torch.set_num_threads(2)
 # A whole pipeline run in seconds: LeNet-5 (no batch norm) on synthetic 12×12 images, 256 training images,
 # batches of 30, SGD, augmentation on; 1 + 2 + 1 epochs.
 TINY_RUN = ["data=synthetic", "model=lenet5", "train_epochs=1", "sparsify_epochs=2", "finetune_epochs=1",
-            "lambda_s=0.1", "energy=0.15", "batch_size=30", "progress=false", "latency_repeats=1", "latency_backends=eager", "onnx=false",
-            "device=cpu", "threads=1", "optimizer=sgd", "lr=0.05", "finetune_lr=0.01"]
+            "lambda_s=0.1", "energy=0.15", "batch_size=30", "progress=false", "latency_repeats=1",
+            "latency_backends=eager", "export_strategy=flops", "onnx=false", "device=cpu", "threads=1",
+            "optimizer=sgd", "lr=0.05", "finetune_lr=0.01"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -64,7 +64,7 @@ def test_gradual_cuts_need_a_budget(observed):
 
 def test_the_knob_a_user_names_wins_over_a_default_budget(tmp_path):
     base = RunConfig()
-    assert (base.prune_flops, base.prune_cuts) == (0.33, 8)  # the quick recipe
+    assert (base.prune_flops, base.prune_cuts) == (0.45, 8)  # the quick recipe
     by_energy = base.replace(energy=0.2)  # e.g. `svdtrain prune RUN energy=0.2`
     assert (by_energy.energy, by_energy.prune_flops, by_energy.prune_cuts) == (0.2, 0.0, 0)
     by_params = base.replace(prune_params=0.3)

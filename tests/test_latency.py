@@ -11,6 +11,7 @@ from conftest import rel_err
 from svdtrain import SVDConfig, count_flops, decompose_, export, export_layout, prune_, rebuild
 from svdtrain.export import dense_copy
 from svdtrain.layers import svd_layers
+from svdtrain.prune import default_multiple
 from svdtrain.recipes.models import CifarResNet
 
 X = torch.randn(4, 3, 16, 16)
@@ -83,6 +84,20 @@ def test_real_latency_export_keeps_the_function(backend):
     with torch.no_grad():
         assert rel_err(small(X), model(X)) <= 1e-5
     assert not [m for m in small.modules() if type(m).__module__ == "svdtrain.layers"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_latency_budget_is_met_as_predicted(monkeypatch, backend):
+    """prune_(latency=f): ranks chosen from the (here deterministic) per-layer tables until the export is
+    predicted at ≤ f of the dense latency; ranks stay multiples of the default rank multiples."""
+    model = pruned_resnet(energy=0, depth=8)  # full rank
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    report = prune_(model, latency=0.6, example_inputs=X, backend=backend)
+    assert report.backend == backend and report.energy is None
+    assert report.latency_after_ms <= 0.6 * report.dense_latency_ms < report.latency_before_ms
+    assert report.cut
+    for (_, layer), row in zip(svd_layers(model), report.layers):
+        assert row["rank_after"] % default_multiple(layer.full_rank) == 0 or row["rank_after"] == row["rank_before"]
 
 
 def test_timings_are_cached():

@@ -17,7 +17,7 @@ from svdtrain.recipes.pipeline import Run, load_exported
 
 SYNTHETIC = ["data=synthetic", "model=resnet20", "train_epochs=2", "sparsify_epochs=2", "finetune_epochs=1",
              "lambda_s=0.05", "energy=0.2", "progress=false", "latency_repeats=3", "latency_backends=eager",
-             "batch_size=64"]
+             "export_strategy=flops", "batch_size=64"]
 
 
 def run_cli(args, capsys):
@@ -229,24 +229,29 @@ def test_distillation_reaches_every_stage_after_train(tmp_path, capsys):
         assert (float(last[header.index("distillation")]) > 0) == active, stage
 
 
-def test_report_times_every_backend_and_names_the_deployment_one(tmp_path, capsys):
-    """The report times dense vs final on the export's backend first, then on the others, at each batch size;
-    its headline quotes the deployment backend and the speed-ups on all of them."""
-    has_ort = importlib.util.find_spec("onnxruntime") is not None
+def test_report_times_the_deployment_and_every_backend(tmp_path, capsys):
+    """By default the export targets ONNX Runtime at batch 1 on 1 thread (latency strategy); the report times
+    dense vs final there, then on each of latency_backends at each batch size on the run's threads, and its
+    headline quotes both."""
+    pytest.importorskip("onnxruntime")
     code, out, err = run_cli(["run", *SYNTHETIC, "model=lenet5", "exclude_modules=fc3", "max_batches=2", "onnx=false",
-                              'latency_backends=["eager", "compiled", "onnxruntime"]', "latency_batches=[1, 4]",
-                              "export_strategy=latency", "export_backend=compiled", f"out_dir={tmp_path}"], capsys)
+                              'latency_backends=["eager", "compiled"]', "latency_batches=[1, 4]", "threads=2",
+                              f"out_dir={tmp_path}"], capsys)
     assert code == 0, err
     (folder,) = tmp_path.iterdir()
-    final = json.loads((folder / "report.json").read_text())["final"]
-    table = final["latency"]
-    assert list(table) == ["compiled", "eager"] + (["onnxruntime"] if has_ort else [])
+    layout = json.loads((folder / "export" / "layout.json").read_text())
+    assert (layout["strategy"], layout["backend"], layout["batch"], layout["threads"]) == ("latency", "onnxruntime", 1, 1)
+    report = json.loads((folder / "report.json").read_text())
+    final, table = report["final"], report["final"]["latency"]
+    assert list(table) == ["eager", "compiled"]
     for by_batch in table.values():
         assert list(by_batch) == ["1", "4"]
         for g in by_batch.values():
             assert g["dense_ms"] > 0 and g["final_ms"] > 0
             assert g["speedup"] == pytest.approx(g["dense_ms"] / g["final_ms"], rel=1e-12)
-    assert final["latency_backend"] == "compiled" and final["latency_batch"] == 1
-    assert final["latency_ms"] == table["compiled"]["1"]["final_ms"]
-    assert "on compiled, the export's backend, batch 1" in out and "speed-up over dense at batch 1 / 4: compiled" in out
+    assert (final["latency_backend"], final["latency_batch"], final["latency_threads"]) == ("onnxruntime", 1, 1)
+    assert report["environment"]["threads"] == 2
+    assert final["speedup"] == pytest.approx(final["dense_latency_ms"] / final["latency_ms"], rel=1e-12)
+    assert "on onnxruntime, the deployment: batch 1, 1 thread)" in out
+    assert "speed-up over dense at batch 1 / 4, 2 threads: eager" in out
     assert "| compiled | 4 |" in (folder / "report.md").read_text()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import svdtrain
-from svdtrain.latency import check_backend
+from svdtrain.latency import check_backend, threads
 from svdtrain.layers import svd_layers
 from svdtrain.prune import PruneReport
 
@@ -384,19 +384,22 @@ def stage_finetune(run: Run) -> dict:
 
 def stage_export(run: Run) -> dict:
     """The plain model as model.pt (state_dict) + layout.json (rebuild with `load_exported`: no code is unpickled),
-    model.pt2 (torch.export) and model.onnx; forms chosen by export_strategy on export_backend."""
+    model.pt2 (torch.export) and model.onnx; forms chosen by export_strategy on export_backend (at export_batch,
+    export_threads)."""
     cfg = run.cfg
     model = run.model_after("finetune")
     example = run.example_input()
-    small = svdtrain.export(model, run.example_input(cfg.export_batch), strategy=cfg.export_strategy,
-                            backend=cfg.export_backend).eval()
+    with threads(cfg.export_threads):
+        small = svdtrain.export(model, run.example_input(cfg.export_batch), strategy=cfg.export_strategy,
+                                backend=cfg.export_backend).eval()
     folder = run.stage_dir("export")
     layers = [{"name": name, "rank": layer.rank, "full_rank": layer.full_rank,
                "decomposition": getattr(layer, "decomposition", "channel"),
                "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense"}
               for name, layer in svd_layers(model)]
     layout = {"model": cfg.model, "kind": "svd" if layers else "dense", "strategy": cfg.export_strategy,
-              "backend": cfg.export_backend, "batch": cfg.export_batch, "layers": layers}
+              "backend": cfg.export_backend, "batch": cfg.export_batch, "threads": cfg.export_threads,
+              "layers": layers}
     write_atomic(folder / "layout.json", json.dumps(layout, indent=2) + "\n")
     save_atomic(small.state_dict(), folder / "model.pt")
     program = torch.export.export(small, (example,))

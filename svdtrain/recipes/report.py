@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import svdtrain
-from svdtrain.latency import check_backend, median_ms, runner
+from svdtrain.latency import check_backend, median_ms, runner, threads
 
 from .train import write_atomic
 
@@ -40,14 +40,29 @@ def gpu_latency(dense: nn.Module, small: nn.Module, run, repeats: int, batches=(
     return out
 
 
+def deployment_latency(dense: nn.Module, small: nn.Module, run) -> dict:
+    """Dense vs final where the export will run: export_backend at export_batch on export_threads (eager when
+    that backend's extras are missing, with a note)."""
+    cfg, backend = run.cfg, run.cfg.export_backend
+    try:
+        check_backend(backend)
+    except ValueError as e:
+        run.echo(f"latency on the deployment backend not measured: {e}; measured on eager instead")
+        backend = "eager"
+    with threads(cfg.export_threads if backend != "cuda" else 0):
+        ms = measure_latency({"dense": dense, "final": small}, run.example_input(cfg.export_batch),
+                             cfg.latency_repeats, backend)
+        used = torch.get_num_threads()
+    return {"backend": backend, "batch": cfg.export_batch, "threads": used, "dense_ms": ms["dense"],
+            "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
+
+
 def latency_table(dense: nn.Module, small: nn.Module, run) -> dict:
-    """{backend: {batch: dense_ms, final_ms, speedup}}: dense vs final alternated, on the run's deployment
-    backend (export_backend) first, then each of latency_backends, at each of latency_batches. A backend
-    whose extras are missing is skipped with a note; the GPU has its own figures (gpu_latency)."""
+    """{backend: {batch: dense_ms, final_ms, speedup}}: dense vs final alternated, on each of latency_backends
+    at each of latency_batches, on the run's threads. A backend whose extras are missing is skipped with a note;
+    the GPU has its own figures (gpu_latency)."""
     cfg, out = run.cfg, {}
-    for backend in dict.fromkeys((cfg.export_backend, *cfg.latency_backends)):
-        if backend == "cuda":
-            continue
+    for backend in cfg.latency_backends:
         try:
             check_backend(backend)
         except ValueError as e:
@@ -95,10 +110,8 @@ def write_report(run) -> dict:
     small = load_exported(run.folder, run)
     exported = run.result("export")
     train = run.result("train")
+    deployment = deployment_latency(dense, small, run)
     table = latency_table(dense, small, run)
-    deployed = cfg.export_backend if cfg.export_backend in table else "eager"
-    batch = str(cfg.latency_batches[0])
-    latency = {"final": table[deployed][batch]["final_ms"], "dense": table[deployed][batch]["dense_ms"]}
     report = {
         "dense": {
             "accuracy": train["accuracy"] if train["form"] == "dense" else None,
@@ -111,11 +124,12 @@ def write_report(run) -> dict:
             "flops": exported["flops"],
             "conv_flops": conv_flops(small, example),
             "params": exported["params"],
-            "latency_ms": latency["final"],  # on the deployment backend, at the first of latency_batches
-            "dense_latency_ms": latency["dense"],
-            "latency_backend": deployed,
-            "latency_batch": int(batch),
-            "latency": table,
+            "latency_ms": deployment["final_ms"],  # where the export will run (export_backend, _batch, _threads)
+            "dense_latency_ms": deployment["dense_ms"],
+            "latency_backend": deployment["backend"],
+            "latency_batch": deployment["batch"],
+            "latency_threads": deployment["threads"],
+            "latency": table,  # every one of latency_backends at each of latency_batches, on the run's threads
         },
         "stages": {stage: run.result(stage) for stage in ("train", "sparsify", "prune", "finetune")},
         "layers": exported["layers"],
@@ -128,7 +142,7 @@ def write_report(run) -> dict:
     final, base = report["final"], report["dense"]
     final["flops_reduction"] = base["flops"] / final["flops"]
     final["conv_flops_reduction"] = base["conv_flops"] / max(final["conv_flops"], 1)
-    final["speedup"] = latency["dense"] / latency["final"]
+    final["speedup"] = deployment["speedup"]
     if run.cluster.device.type == "cuda":
         final["gpu_latency"] = gpu_latency(dense, small, run, cfg.latency_repeats)
     report["plots"] = _plots(run, report)
@@ -146,17 +160,21 @@ def _headline(report: dict) -> str:
         acc += f" on {report['config']['val_subset']} held-out training images"
     gpu = "".join(f"; GPU batch {b}: {g['final_ms']:.2f} vs {g['dense_ms']:.2f} ms ({g['speedup']:.2f}×)"
                   for b, g in f.get("gpu_latency", {}).items())
-    where = f["latency_backend"] + (", the export's backend"
-                                    if f["latency_backend"] == report["config"]["export_backend"] else "")
+    where = f["latency_backend"] + (", the deployment" if f["latency_backend"] == report["config"]["export_backend"]
+                                    else "")
     table = f.get("latency", {})
     batches = " / ".join(map(str, report["config"]["latency_batches"]))
     speedups = ", ".join(f"{backend} " + " / ".join(f"{g['speedup']:.2f}×" for g in by_batch.values())
                        for backend, by_batch in table.items())
     return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "
             f"params, latency {f['latency_ms']:.2f} ms vs dense {f['dense_latency_ms']:.2f} ms "
-            f"({f['speedup']:.2f}× on {where}, batch {f['latency_batch']}, "
-            f"{report['environment']['threads']} threads){gpu}"
-            + (f"\n  speed-up over dense at batch {batches}: {speedups}" if speedups else ""))
+            f"({f['speedup']:.2f}× on {where}: batch {f['latency_batch']}, {_threads(f['latency_threads'])}){gpu}"
+            + (f"\n  speed-up over dense at batch {batches}, {_threads(report['environment']['threads'])}: {speedups}"
+               if speedups else ""))
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
 
 
 def _markdown(report: dict) -> str:
@@ -172,7 +190,8 @@ def _markdown(report: dict) -> str:
         f"(λ_s = {cfg['lambda_s']}, λ_o = {cfg['lambda_o']}), epochs train/sparsify/finetune "
         f"{cfg['train_epochs']}/{cfg['sparsify_epochs']}/{cfg['finetune_epochs']}.",
         "",
-        f"| | accuracy | FLOPs | conv FLOPs | params | latency ({f['latency_backend']}, batch {f['latency_batch']}) |",
+        f"| | accuracy | FLOPs | conv FLOPs | params | latency ({f['latency_backend']}, batch {f['latency_batch']}, "
+        f"{_threads(f['latency_threads'])}) |",
         "|---|---:|---:|---:|---:|---:|",
         f"| dense | {acc(d['accuracy'])} | {d['flops']:,} | {d['conv_flops']:,} | {d['params']:,} | "
         f"{f['dense_latency_ms']:.3f} ms |",
@@ -184,8 +203,9 @@ def _markdown(report: dict) -> str:
         *[f"On the GPU at batch {b}: {g['final_ms']:.3f} ms vs dense {g['dense_ms']:.3f} ms, "
           f"{g['speedup']:.2f}× faster." for b, g in f.get("gpu_latency", {}).items()],
         "",
-        f"## Latency (median ms per forward, dense vs final alternated; the export targeted "
-        f"`{cfg['export_backend']}` with strategy `{cfg['export_strategy']}`)",
+        f"## Latency (median ms per forward on {_threads(report['environment']['threads'])}, dense vs final "
+        f"alternated; the export targeted `{cfg['export_backend']}` at batch {cfg['export_batch']} with strategy "
+        f"`{cfg['export_strategy']}`)",
         "",
         "| backend | batch | dense | final | speed-up |",
         "|---|---:|---:|---:|---:|",
