@@ -204,7 +204,8 @@ def _markdown(report: dict) -> str:
           f"{g['speedup']:.2f}× faster." for b, g in f.get("gpu_latency", {}).items()],
         "",
         f"## Latency (median ms per forward on {_threads(report['environment']['threads'])}, dense vs final "
-        f"alternated; the export targeted `{cfg['export_backend']}` at batch {cfg['export_batch']} with strategy "
+        f"alternated; the export targeted `{cfg['export_backend']}` at batch {cfg['export_batch']} on "
+        f"{_threads(cfg['export_threads']) if cfg['export_threads'] else 'all threads'} with strategy "
         f"`{cfg['export_strategy']}`)",
         "",
         "| backend | batch | dense | final | speed-up |",
