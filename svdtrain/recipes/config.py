@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -41,36 +42,46 @@ def _range(low=None, high=None, low_open=False, high_open=False, doc=""):
     return {"range": (low, high, low_open, high_open), "doc": doc}
 
 
+def _doc(doc: str):
+    return {"doc": doc}
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "quick"
+    name: str = field(default="quick", metadata=_doc("a run's folder is out_dir/name-date-time"))
     # --- data
-    data: str = field(default="fashion_mnist", metadata=_choice(*DATASETS))
-    data_dir: str = ""  # empty: the data set's default folder
+    data: str = field(default="fashion_mnist", metadata=_choice(
+        *DATASETS, doc="the data set (read from packages or data_dir)"))
+    data_dir: str = field(default="", metadata=_doc("the data set's folder; empty: its default folder"))
     train_subset: int = field(default=30000, metadata=_range(0, doc="first N training images; 0 = all"))
     test_subset: int = field(default=0, metadata=_range(0, doc="first N test images; 0 = all"))
     val_subset: int = field(default=0, metadata=_range(0, doc=(
         "hold out the last N training images and evaluate on them instead of the test set (for choosing "
         "settings); 0 = evaluate on the test set")))
     image_size: int = field(default=0, metadata=_range(0, doc="image folders / synthetic only; 0 = default"))
-    augment: bool = True  # random crop with padding + horizontal flip
+    augment: bool = field(default=True, metadata=_doc("random crop with padding + horizontal flip while training"))
     # --- model
-    model: str = field(default="resnet20", metadata=_choice(*MODELS))
-    bottleneck: bool = False  # CIFAR ResNet with bottleneck blocks (depth 9n + 2), as the authors' code for ≥ 44
+    model: str = field(default="resnet20", metadata=_choice(*MODELS, doc="the network"))
+    bottleneck: bool = field(default=False, metadata=_doc(
+        "CIFAR ResNet with bottleneck blocks (depth 9n + 2), as the authors' code for depth ≥ 44"))
     # --- method
     method: str = field(default="svd", metadata=_choice(*METHODS, doc="svd or a baseline (recipes/baselines.py)"))
     train_mode: str = field(default="dense", metadata=_choice(
         "dense", "svd", doc="train stage: dense (converted by exact SVD before sparsify) or SVD form from scratch"))
-    dense_checkpoint: str = ""  # a dense state_dict to start from instead of training (train stage converts it)
-    decomposition: str = field(default="spatial", metadata=_choice("channel", "spatial"))
-    exclude_modules: tuple[str, ...] = ("fc",)  # the classifier stays dense (METHOD.md §1)
+    dense_checkpoint: str = field(default="", metadata=_doc(
+        "a dense state_dict to start from instead of training (the train stage converts it)"))
+    decomposition: str = field(default="spatial", metadata=_choice(
+        "channel", "spatial", doc="how a conv weight is matricised before SVD (METHOD.md §1)"))
+    exclude_modules: tuple[str, ...] = field(default=("fc",), metadata=_doc(
+        "layers left dense: names, dotted suffixes or regular expressions (the classifier, METHOD.md §1)"))
     lambda_o: float = field(default=1.0, metadata=_range(0, doc="orthogonality weight"))
     lambda_s: float = field(default=0.1, metadata=_range(0, doc="sparsity weight"))
-    sparsity: str = field(default="hoyer", metadata=_choice("l1", "hoyer", "hoyer_square"))
+    sparsity: str = field(default="hoyer", metadata=_choice(
+        "l1", "hoyer", "hoyer_square", doc="the sparsity regularizer on singular values"))
     energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True, doc="energy pruned per layer"))
     prune_flops: float = field(default=0.45, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
     prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
-    min_rank: int = field(default=1, metadata=_range(1))
+    min_rank: int = field(default=1, metadata=_range(1, doc="no layer is cut below this rank"))
     rank_multiple: int = field(default=0, metadata=_range(0, doc=(
         "a FLOPs / params budget rounds ranks up to multiples of this (sizes CPU kernels run well); "
         "0 = per layer, the largest power of two ≤ 16 and ≤ a third of its full rank; 1 = no rounding")))
@@ -93,44 +104,48 @@ class RunConfig:
     # whole export is never slower than dense there, and the report's first line measures there)
     export_strategy: str = field(default="latency", metadata=_choice(
         "flops", "latency", doc="export: fewer FLOPs per layer, or measured faster on export_backend"))
-    export_backend: str = field(default="onnxruntime", metadata=_choice(*BACKENDS))
+    export_backend: str = field(default="onnxruntime", metadata=_choice(*BACKENDS, doc="where the export will run"))
     export_batch: int = field(default=1, metadata=_range(1, doc="the deployment's batch size"))
     export_threads: int = field(default=1, metadata=_range(0, doc=(
-        "the deployment's CPU threads (a batch-1 server runs one model per core); 0 = threads")))
+        "the deployment's CPU threads (a batch-1 server runs one model per core); 0 = the run's threads")))
     # --- optimisation (every stage)
-    optimizer: str = field(default="adam", metadata=_choice("sgd", "adam"))
-    lr: float = field(default=1e-3, metadata=_range(0, low_open=True))
-    finetune_lr: float = field(default=3e-4, metadata=_range(0, low_open=True))
-    momentum: float = field(default=0.9, metadata=_range(0, 1, high_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0))
+    optimizer: str = field(default="adam", metadata=_choice("sgd", "adam", doc="every stage's optimizer"))
+    lr: float = field(default=1e-3, metadata=_range(0, low_open=True, doc="learning rate of train and sparsify"))
+    finetune_lr: float = field(default=3e-4, metadata=_range(0, low_open=True, doc="learning rate of fine-tuning"))
+    momentum: float = field(default=0.9, metadata=_range(0, 1, high_open=True, doc="SGD momentum"))
+    weight_decay: float = field(default=0.0, metadata=_range(0, doc="L2 weight decay"))
     batch_size: int = field(default=128, metadata=_range(1, doc="images per step, over all torchrun processes"))
-    schedule: str = field(default="cosine", metadata=_choice("constant", "step", "cosine"))
-    milestones: tuple[float, ...] = (0.494, 0.744)  # step schedule, fractions of a stage
-    gamma: float = field(default=0.1, metadata=_range(0, 1, low_open=True))
-    train_epochs: int = field(default=3, metadata=_range(0))
-    sparsify_epochs: int = field(default=2, metadata=_range(0))
-    finetune_epochs: int = field(default=1, metadata=_range(0))
+    schedule: str = field(default="cosine", metadata=_choice(
+        "constant", "step", "cosine", doc="learning-rate schedule within each stage"))
+    milestones: tuple[float, ...] = field(default=(0.494, 0.744), metadata=_doc(
+        "schedule=step: where the lr is multiplied by gamma, fractions of a stage"))
+    gamma: float = field(default=0.1, metadata=_range(0, 1, low_open=True, doc="schedule=step: lr factor"))
+    train_epochs: int = field(default=3, metadata=_range(0, doc="epochs of the train stage"))
+    sparsify_epochs: int = field(default=2, metadata=_range(0, doc="epochs of the sparsify stage"))
+    finetune_epochs: int = field(default=1, metadata=_range(0, doc="epochs of fine-tuning"))
     # --- run
     device: str = field(default="auto", metadata=_choice(
         "auto", "cpu", "cuda", doc="auto: CUDA when there is a GPU (under torchrun, the GPU of LOCAL_RANK)"))
     amp: str = field(default="none", metadata=_choice("none", "bf16", doc="bf16: forward under bf16 autocast"))
-    channels_last: bool = False  # NHWC memory format for the model and its 4-D inputs (faster convs on GPUs)
-    compile: bool = False  # torch.compile the training forward
+    channels_last: bool = field(default=False, metadata=_doc(
+        "NHWC memory format for the model and its 4-D inputs (faster convolutions on GPUs)"))
+    compile: bool = field(default=False, metadata=_doc("torch.compile the training forward"))
     on_nonfinite: str = field(default="stop", metadata=_choice(
         "stop", "skip", doc="a step with a non-finite loss or gradient: stop the run, or skip the step"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_doc("seeds weights, data order and augmentation"))
     threads: int = field(default=0, metadata=_range(0, doc="torch threads; 0 = torch's default"))
-    eval_batch_size: int = field(default=1000, metadata=_range(1))
+    eval_batch_size: int = field(default=1000, metadata=_range(1, doc="images per evaluation batch"))
     max_batches: int = field(default=0, metadata=_range(0, doc="cap on batches per epoch (smoke tests); 0 = all"))
-    progress: bool = True
-    onnx: bool = True
-    latency_repeats: int = field(default=30, metadata=_range(1))
+    progress: bool = field(default=True, metadata=_doc("progress bars"))
+    onnx: bool = field(default=True, metadata=_doc("export also writes model.onnx"))
+    latency_repeats: int = field(default=30, metadata=_range(1, doc="timed forwards per model in the report"))
     latency_backends: tuple[str, ...] = field(default=("eager", "compiled", "onnxruntime"), metadata=_choice(
-        "eager", "compiled", "onnxruntime", doc=("the report times dense vs final on each (and on export_backend); "
-                                                 "one missing its extras is skipped with a note")))
+        "eager", "compiled", "onnxruntime", doc=("the report times dense vs final on each, at each of "
+                                                 "latency_batches on the run's threads; one missing its extras is "
+                                                 "skipped with a note")))
     latency_batches: tuple[int, ...] = field(default=(1, 32), metadata=_range(1, doc="batch sizes the report times"))
-    keep_checkpoints: int = field(default=2, metadata=_range(1))
-    out_dir: str = "runs"
+    keep_checkpoints: int = field(default=2, metadata=_range(1, doc="epoch checkpoints kept per stage"))
+    out_dir: str = field(default="runs", metadata=_doc("the folder run folders are made in"))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -222,6 +237,39 @@ def _check(f: dataclasses.Field, value):
                (high is not None and (v > high or (high_open and v == high))) for v in items):
             raise bad(_range_text(meta).strip(" ,"))
     return value
+
+
+_PLURAL = {str: "strings", int: "integers", float: "numbers"}
+
+
+def reference() -> str:
+    """Every config key as a Markdown table (key, default, allowed values, meaning), from RunConfig's own fields:
+    README's reference is this text (a test holds them equal)."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(RunConfig):
+        kind, meta = _TYPES[f.name], f.metadata
+        if "choices" in meta:
+            allowed = ("each of " if kind not in (str,) else "") + ", ".join(map(str, meta["choices"]))
+        elif kind is bool:
+            allowed = "true, false"
+        elif kind in (int, float):
+            allowed = ("an integer" if kind is int else "a number") + _range_text(meta)
+        elif kind is str:
+            allowed = "a string"
+        else:
+            allowed = f"a list of {_PLURAL[typing.get_args(kind)[0]]}" + _range_text(meta)
+        default = f.default
+        shown = (json.dumps(list(default)) if isinstance(default, tuple) else str(default).lower()
+                 if isinstance(default, bool) else f'"{default}"' if isinstance(default, str) else str(default))
+        rows.append(f"| `{f.name}` | `{shown}` | {allowed} | {meta['doc']} |")
+    return "\n".join(rows)
+
+
+def write_reference(readme: Path = CONFIG_DIR.parent / "README.md"):
+    """Rewrite README's config reference (between its config-reference markers) from `reference()`."""
+    from .report import write_section
+
+    write_section(readme, "config-reference", reference())
 
 
 def _range_text(meta) -> str:
