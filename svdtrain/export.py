@@ -83,7 +83,7 @@ def export(model: nn.Module, example_inputs, strategy: str = "flops", backend: s
         example_inputs: inputs at the deployment shape (tensor, tuple or dict), or
             None to choose by parameter count.
         strategy: "flops" (default) or "latency".
-        backend: "eager", "compiled", "onnxruntime" or "cuda" for strategy "latency".
+        backend: one of svdtrain.latency.BACKENDS, for strategy "latency".
 
     Example:
         >>> small = export(model, torch.randn(1, 3, 32, 32))

@@ -232,7 +232,7 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
 
     Args:
         example_inputs: inputs at the deployment shape (optional for energy / params).
-        backend: "eager", "compiled", "onnxruntime" or "cuda", for a latency budget.
+        backend: one of svdtrain.latency.BACKENDS, for a latency budget.
         min_rank: no layer goes below this rank.
         rank_multiple: ranks are rounded up to a multiple of this (capped at the
             current rank), sizes the backend runs well. Default for a budget

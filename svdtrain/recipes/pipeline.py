@@ -120,9 +120,7 @@ class Run:
         if cfg.method != "filter_pruning":
             self.decompose(model)
             if cfg.prune_flops or cfg.prune_params:
-                knob = {"flops": cfg.prune_flops} if cfg.prune_flops else {"params": cfg.prune_params}
-                svdtrain.prune_(model, **knob, example_inputs=example[:1], min_rank=cfg.min_rank,
-                                rank_multiple=cfg.rank_multiple or None)
+                self.prune(model)  # raises when the budget is out of reach
 
     def space_needed(self) -> int:
         """Bytes a run writes at most: per training stage its kept epoch checkpoints plus the one being saved

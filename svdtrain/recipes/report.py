@@ -31,13 +31,15 @@ def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, repeats
     return median_ms({name: runner(m, example, backend) for name, m in models.items()}, repeats, warmup=3)
 
 
+def dense_vs_final(dense: nn.Module, small: nn.Module, example: torch.Tensor, repeats: int, backend: str) -> dict:
+    """{dense_ms, final_ms, speedup}: the two models timed alternately on `backend` at `example`."""
+    ms = measure_latency({"dense": dense, "final": small}, example, repeats, backend)
+    return {"dense_ms": ms["dense"], "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
+
+
 def gpu_latency(dense: nn.Module, small: nn.Module, run, repeats: int, batches=(1, 256)) -> dict:
     """Dense vs final on the GPU at each batch size: median ms per forward, synchronised."""
-    out = {}
-    for batch in batches:
-        ms = measure_latency({"dense": dense, "final": small}, run.example_input(batch), repeats, "cuda")
-        out[str(batch)] = {"dense_ms": ms["dense"], "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
-    return out
+    return {str(batch): dense_vs_final(dense, small, run.example_input(batch), repeats, "cuda") for batch in batches}
 
 
 def deployment_latency(dense: nn.Module, small: nn.Module, run) -> dict:
@@ -50,11 +52,9 @@ def deployment_latency(dense: nn.Module, small: nn.Module, run) -> dict:
         run.echo(f"latency on the deployment backend not measured: {e}; measured on eager instead")
         backend = "eager"
     with threads(cfg.export_threads if backend != "cuda" else 0):
-        ms = measure_latency({"dense": dense, "final": small}, run.example_input(cfg.export_batch),
-                             cfg.latency_repeats, backend)
+        timed = dense_vs_final(dense, small, run.example_input(cfg.export_batch), cfg.latency_repeats, backend)
         used = torch.get_num_threads()
-    return {"backend": backend, "batch": cfg.export_batch, "threads": used, "dense_ms": ms["dense"],
-            "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
+    return {"backend": backend, "batch": cfg.export_batch, "threads": used, **timed}
 
 
 def latency_table(dense: nn.Module, small: nn.Module, run) -> dict:
@@ -68,12 +68,8 @@ def latency_table(dense: nn.Module, small: nn.Module, run) -> dict:
         except ValueError as e:
             run.echo(f"latency on {backend} not measured: {e}")
             continue
-        out[backend] = {}
-        for batch in cfg.latency_batches:
-            ms = measure_latency({"dense": dense, "final": small}, run.example_input(batch), cfg.latency_repeats,
-                                 backend)
-            out[backend][str(batch)] = {"dense_ms": ms["dense"], "final_ms": ms["final"],
-                                        "speedup": ms["dense"] / ms["final"]}
+        out[backend] = {str(batch): dense_vs_final(dense, small, run.example_input(batch), cfg.latency_repeats,
+                                                   backend) for batch in cfg.latency_batches}
     return out
 
 
