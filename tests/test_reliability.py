@@ -360,6 +360,16 @@ def _other_model_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
+MODEL_FILE = b"""
+from torch import nn
+def not_a_model(num_classes):
+    return "a string"
+def for_rgb(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+def three_logits(in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+"""
+
 BAD_INPUTS = [
     ("a misspelled config key", ["lamda_s=0.1"], "did you mean 'lambda_s'"),
     ("a value of the wrong type", ["lr=fast"], "'lr'"),
@@ -369,6 +379,11 @@ BAD_INPUTS = [
     ("a FLOPs budget no ranks can reach", ["prune_flops=0.001"], "impossible"),
     ("an unknown method", ["method=magic"], "'method'"),
     ("an unknown model", ["model=vgg16"], "'model'"),
+    ("a model file that does not exist", ["model=no_such_file.py:make"], "no file"),
+    ("a model reference to a missing callable", ["model={model_file}:nope"], "has no 'nope'"),
+    ("a model callable that returns no nn.Module", ["model={model_file}:not_a_model"], "allowed: a torch.nn.Module"),
+    ("a model that cannot take the data's images", ["model={model_file}:for_rgb"], "cannot take synthetic images"),
+    ("a model whose output is not one logit per class", ["model={model_file}:three_logits"], "logits of shape (2, 4)"),
     ("an unknown data set", ["data=mnist"], "'data'"),
     ("images too small for the model", ["image_size=8"], "12×12"),
     ("a model with nothing to decompose", ["exclude_modules=.*"], "nothing to decompose"),
@@ -391,7 +406,8 @@ def test_bad_input_is_one_line_and_leaves_no_folder(what, args, message, tmp_pat
     files = {"other": lambda: _other_model_checkpoint(tmp_path), "cifar": lambda: _cifar_folder(tmp_path),
              "idx_magic": lambda: _idx_folder(tmp_path, "magic"), "idx_truncated": lambda: _idx_folder(tmp_path, "cut"),
              "random_config": lambda: _file(tmp_path / "random.toml", os.urandom(200)),
-             "yaml_config": lambda: _file(tmp_path / "run.yaml", b"model: resnet20\nlr: 0.1\nlayers:\n  - conv1\n")}
+             "yaml_config": lambda: _file(tmp_path / "run.yaml", b"model: resnet20\nlr: 0.1\nlayers:\n  - conv1\n"),
+             "model_file": lambda: _file(tmp_path / "net.py", MODEL_FILE)}
     args = [a.format(**{k: make() for k, make in files.items() if "{" + k + "}" in a}) for a in args]
     config = [a for a in args if "=" not in a]
     code, _, err = cli(["run", *config, *TINY_RUN, *[a for a in args if "=" in a], f"out_dir={tmp_path / 'out'}"],

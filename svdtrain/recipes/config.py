@@ -25,7 +25,11 @@ from svdtrain.latency import BACKENDS
 
 from .baselines import METHODS
 from .data import DATASETS
-from .models import MODELS
+from .models import MODELS, is_reference
+
+MODEL_REFERENCE = "package.module:callable or path/to/file.py:callable"
+# What a choice field's `other` accepts besides its choices.
+_OTHERS = {MODEL_REFERENCE: lambda value: is_reference(value) and all(value.rpartition(":")[::2])}
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -34,8 +38,9 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what is allowed."""
 
 
-def _choice(*values, doc=""):
-    return {"choices": values, "doc": doc}
+def _choice(*values, doc="", other=""):
+    """One of `values`; with `other`, also a value `_OTHERS[other]` accepts (described by `other`)."""
+    return {"choices": values, "doc": doc, **({"other": other} if other else {})}
 
 
 def _range(low=None, high=None, low_open=False, high_open=False, doc=""):
@@ -61,7 +66,11 @@ class RunConfig:
     image_size: int = field(default=0, metadata=_range(0, doc="image folders / synthetic only; 0 = default"))
     augment: bool = field(default=True, metadata=_doc("random crop with padding + horizontal flip while training"))
     # --- model
-    model: str = field(default="resnet20", metadata=_choice(*MODELS, doc="the network"))
+    model: str = field(default="resnet20", metadata=_choice(*MODELS, other=MODEL_REFERENCE, doc=(
+        "the network: a reference model, or your own callable (called with num_classes, in_channels, image_size "
+        "where its signature takes them, plus model_args; a file's code runs when the run loads it)")))
+    model_args: dict = field(default_factory=dict, metadata=_doc(
+        "keyword arguments for a model given by reference, as a TOML table: model_args={width=32}"))
     bottleneck: bool = field(default=False, metadata=_doc(
         "CIFAR ResNet with bottleneck blocks (depth 9n + 2), as the authors' code for depth ≥ 44"))
     # --- method
@@ -219,7 +228,13 @@ def _check(f: dataclasses.Field, value):
         value = float(value)
     elif kind is str:
         if not isinstance(value, str):
-            raise bad("one of " + ", ".join(meta["choices"]) if "choices" in meta else "a string")
+            raise bad(_allowed_text(meta) if "choices" in meta else "a string")
+        if "other" in meta and _OTHERS[meta["other"]](value):
+            return value
+    elif kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a table of keyword arguments, e.g. {width=32}")
+        return dict(value)
     else:  # tuple[str, ...] | tuple[int, ...] | tuple[float, ...]
         item = typing.get_args(kind)[0]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -230,7 +245,7 @@ def _check(f: dataclasses.Field, value):
         value = tuple(item(v) for v in value)
     items = value if isinstance(value, tuple) else (value,)  # a list's choices and range hold for each item
     if "choices" in meta and any(v not in meta["choices"] for v in items):
-        raise bad(", ".join(map(str, meta["choices"])))
+        raise bad(_allowed_text(meta))
     if "range" in meta:
         low, high, low_open, high_open = meta["range"]
         if any((low is not None and (v < low or (low_open and v == low))) or
@@ -249,7 +264,9 @@ def reference() -> str:
     for f in dataclasses.fields(RunConfig):
         kind, meta = _TYPES[f.name], f.metadata
         if "choices" in meta:
-            allowed = ("each of " if kind not in (str,) else "") + ", ".join(map(str, meta["choices"]))
+            allowed = ("each of " if kind not in (str,) else "") + _allowed_text(meta)
+        elif kind is dict:
+            allowed = "a TOML table"
         elif kind is bool:
             allowed = "true, false"
         elif kind in (int, float):
@@ -258,9 +275,10 @@ def reference() -> str:
             allowed = "a string"
         else:
             allowed = f"a list of {_PLURAL[typing.get_args(kind)[0]]}" + _range_text(meta)
-        default = f.default
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = (json.dumps(list(default)) if isinstance(default, tuple) else str(default).lower()
-                 if isinstance(default, bool) else f'"{default}"' if isinstance(default, str) else str(default))
+                 if isinstance(default, bool) else f'"{default}"' if isinstance(default, str) else
+                 "{}" if default == {} else str(default))
         rows.append(f"| `{f.name}` | `{shown}` | {allowed} | {meta['doc']} |")
     return "\n".join(rows)
 
@@ -270,6 +288,10 @@ def write_reference(readme: Path = CONFIG_DIR.parent / "README.md"):
     from .report import write_section
 
     write_section(readme, "config-reference", reference())
+
+
+def _allowed_text(meta) -> str:
+    return ", ".join(map(str, meta["choices"])) + (f" or {meta['other']}" if "other" in meta else "")
 
 
 def _range_text(meta) -> str:

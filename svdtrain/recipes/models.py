@@ -1,6 +1,15 @@
-"""Reference models, by name: MODELS[name](num_classes, in_channels, image_size, bottleneck) -> nn.Module."""
+"""The tool's models: reference models by name (MODELS[name](num_classes, in_channels, image_size, bottleneck)),
+or the user's own, by reference to a callable (`package.module:make` or `path/to/file.py:make`)."""
 
 from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
 
 from torch import nn
 
@@ -160,7 +169,111 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(20, num_classes, in_channels)
 
 
-def build_model(name: str, num_classes: int, in_channels: int, image_size: int, bottleneck: bool = False) -> nn.Module:
+class ModelError(ValueError):
+    """A model reference that cannot be loaded or does not build a model; the message is one line."""
+
+
+# What the data decides, passed to a user's callable under these names where its signature has them.
+DATA_ARGUMENTS = ("num_classes", "in_channels", "image_size")
+
+
+def is_reference(name: str) -> bool:
+    """`name` points at user code (`module:callable` or `file.py:callable`) rather than naming a MODELS entry."""
+    return ":" in name
+
+
+def resolve_reference(name: str) -> str:
+    """`name` as a run folder keeps it: a `file.py:callable` with the file's absolute path (so that resuming from
+    another folder rebuilds the same model); names and importable references unchanged."""
+    if not is_reference(name):
+        return name
+    target, _, attribute = name.rpartition(":")
+    if target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{attribute}"
+    return name
+
+
+_LOADED: dict[str, object] = {}  # reference -> its callable: a file's code runs once per process
+
+
+def load_callable(name: str):
+    """The callable a `module:callable` or `file.py:callable` reference names (the module imported or the
+    file run on first use: the user's own code, by their choice)."""
+    if name in _LOADED:
+        return _LOADED[name]
+    target, _, attribute = name.rpartition(":")
+    if not target or not attribute:
+        raise ModelError(f"model {name!r}: allowed: a model name, package.module:callable or path/to/file.py:callable")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).expanduser().resolve()
+            if not path.is_file():
+                raise ModelError(f"model {name!r}: no file {path}")
+            # A module name of its own per file, so two files called model.py do not replace each other.
+            module_name = f"svdtrain_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # classes defined there resolve their own module (pickling, dataclasses)
+            sys.path.insert(0, str(path.parent))  # the file may import its neighbours
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+            finally:
+                sys.path.remove(str(path.parent))
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())  # as `python -m` would: packages under the current folder import
+            module = importlib.import_module(target)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's code: any failure is one line naming it
+        raise ModelError(f"model {name!r}: cannot load {target} ({type(e).__name__}: {e})") from None
+    fn = module
+    for part in attribute.split("."):
+        if not hasattr(fn, part):
+            raise ModelError(f"model {name!r}: {target} has no {attribute!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ModelError(f"model {name!r}: {attribute} is a {type(fn).__name__}, not a callable")
+    _LOADED[name] = fn
+    return fn
+
+
+def build_user_model(name: str, num_classes: int, in_channels: int, image_size: int,
+                     model_args: dict | None = None) -> nn.Module:
+    """The user's callable called with the data's num_classes / in_channels / image_size where its signature takes
+    them by name, plus `model_args`; it must return an nn.Module."""
+    fn = load_callable(name)
+    args = dict(model_args or {})
+    clash = sorted(set(args) & set(DATA_ARGUMENTS))
+    if clash:
+        raise ModelError(f"model_args sets {', '.join(clash)}, which the data decides; allowed: other arguments")
+    data = dict(zip(DATA_ARGUMENTS, (num_classes, in_channels, image_size)))
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: give it model_args alone
+        parameters = {}
+    args.update({key: value for key, value in data.items() if key in parameters})
+    try:
+        model = fn(**args)
+    except Exception as e:  # noqa: BLE001 -- the user's code
+        raise ModelError(f"model {name!r} failed with arguments {args}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model {name!r} returned {type(model).__name__!r}; allowed: a torch.nn.Module")
+    return model
+
+
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int, bottleneck: bool = False,
+                model_args: dict | None = None) -> nn.Module:
+    """A MODELS entry by name, or the user's model by reference (see build_user_model)."""
+    if is_reference(name):
+        return build_user_model(name, num_classes, in_channels, image_size, model_args)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+        raise ModelError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}, package.module:callable or "
+                         "path/to/file.py:callable")
+    if model_args:
+        raise ModelError(f"model_args is for a model given by reference; {name} takes none")
     return MODELS[name](num_classes, in_channels, image_size, bottleneck)

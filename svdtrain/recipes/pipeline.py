@@ -30,7 +30,7 @@ from .baselines import filter_prune_, resize_to_state_
 from .config import RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
-from .models import build_model
+from .models import ModelError, build_model, resolve_reference
 from .train import StageSettings, evaluate, fit, load_into, load_weights, save_atomic, write_atomic
 
 STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
@@ -56,6 +56,7 @@ class Run:
     @classmethod
     def create(cls, cfg: RunConfig, echo=print) -> "Run":
         """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
+        cfg = cfg.replace(model=resolve_reference(cfg.model))  # config.json keeps the file's absolute path
         run = cls(Path(), cfg, echo)
         run.preflight()  # bad data, model, checkpoint or budget: an error now, and no folder
 
@@ -113,10 +114,15 @@ class Run:
         model = self.starting_model().eval()
         try:
             with torch.no_grad():
-                model(example)
-        except RuntimeError as e:
-            raise ValueError(f"model {cfg.model!r} cannot take {cfg.data} images of shape {tuple(example.shape[1:])}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+                out = model(example)
+        except Exception as e:  # noqa: BLE001 -- a user's model may raise anything: one line naming it
+            raise ModelError(f"model {cfg.model!r} cannot take {cfg.data} images of shape "
+                             f"{tuple(example.shape[1:])}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        wanted = (len(example), self.data.num_classes)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != wanted:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise ModelError(f"model {cfg.model!r} returned {got} for {len(example)} {cfg.data} images; allowed: "
+                             f"logits of shape {wanted} ({self.data.num_classes} classes)")
         if cfg.method != "filter_pruning":
             self.decompose(model)
             if cfg.prune_flops or cfg.prune_params:
@@ -171,7 +177,7 @@ class Run:
     def dense_model(self) -> nn.Module:
         torch.manual_seed(self.cfg.seed)
         c, h, _ = self.data.image_shape
-        return build_model(self.cfg.model, self.data.num_classes, c, h, self.cfg.bottleneck)
+        return build_model(self.cfg.model, self.data.num_classes, c, h, self.cfg.bottleneck, self.cfg.model_args)
 
     def starting_model(self) -> nn.Module:
         """The dense model, with the weights of `dense_checkpoint` when one is given."""
