@@ -138,6 +138,58 @@ def test_image_folder_reader_in_memory_and_lazy(tmp_path):
     assert [x.shape for x, _ in batches] == [(4, 3, 8, 8), (2, 3, 8, 8)]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_worker_processes_give_the_batches_threads_give(tmp_path, world):
+    """DataLoader workers decode what the threads decode, in the same order, and augmentation (drawn in the
+    training process, in batch order) is the same: under torchrun each rank's share is the same too."""
+    pytest.importorskip("PIL")
+    from svdtrain.recipes.data import write_shapes_folder
+
+    write_shapes_folder(tmp_path, train_per_class=9, val_per_class=2, size=24)
+    threads, workers = (load_image_folder(tmp_path, 16, memory_limit_gb=0, workers=w) for w in (0, 2))
+    assert workers.train.images.workers == 2 and len(workers.train) == 36
+    for rank in range(world):
+        a, b = (list(d.batches(d.train, 10, torch.Generator().manual_seed(3), augment=True, rank=rank, world=world,
+                                max_batches=3)) for d in (threads, workers))
+        assert [len(x) for x, _ in b] == [len(range(rank, 10, world))] * 3
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    in_memory = load_image_folder(tmp_path, 16, workers=2)  # decoded once, by the workers
+    assert isinstance(in_memory.train.images, torch.Tensor)
+    assert torch.equal(in_memory.train.images, threads.train.images[torch.arange(36)])
+    # Decoded per batch, each image is cropped and flipped alone; in memory, the batch at once: same pixels.
+    a, b = (list(d.batches(d.train, 10, torch.Generator().manual_seed(4), augment=True)) for d in (in_memory, workers))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+
+
+def test_an_image_that_does_not_decode_in_a_worker_is_one_line(tmp_path):
+    pytest.importorskip("PIL")
+    from svdtrain.recipes.data import write_shapes_folder
+
+    write_shapes_folder(tmp_path, train_per_class=3, val_per_class=1, size=16)
+    bad = tmp_path / "train" / "circle" / "00001.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError) as e:  # decoded by a worker (the statistics' sample at load holds every image)
+        load_image_folder(tmp_path, 16, memory_limit_gb=0, workers=1)
+    assert str(e.value).startswith(f"{bad}: cannot decode image") and "\n" not in str(e.value)
+
+
+def test_image_folder_normalisation(tmp_path):
+    pytest.importorskip("PIL")
+    from svdtrain.recipes.data import IMAGENET_MEAN, write_shapes_folder
+
+    write_shapes_folder(tmp_path, train_per_class=5, val_per_class=2, size=20)
+    own = load_dataset("imagefolder", str(tmp_path), 16)
+    x = own.train.images.double() / 255
+    assert own.name == "imagefolder" and own.num_classes == 4 and own.image_shape == (3, 16, 16)
+    assert own.mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-4)
+    assert own.std == pytest.approx(x.std((0, 2, 3), correction=0).tolist(), abs=1e-4)
+    lazy = load_image_folder(tmp_path, 16, memory_limit_gb=0)  # a sample of ≤ 1,000 images: all 20 here
+    assert lazy.mean == own.mean and lazy.std == own.std
+    imagenet = load_dataset("imagenet", str(tmp_path), 16)
+    assert imagenet.mean == IMAGENET_MEAN and torch.equal(imagenet.train.images, own.train.images)
+
+
 def test_image_folder_errors(tmp_path, observed):
     with pytest.raises(DataError, match="no train/ folder") as e:
         load_image_folder(tmp_path, 8)

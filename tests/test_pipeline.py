@@ -260,3 +260,25 @@ def test_report_times_the_deployment_and_every_backend(tmp_path, capsys):
     assert "on onnxruntime, the deployment: batch 1, 1 thread)" in out
     assert "speed-up over dense at batch 1 / 4, 2 threads: eager" in out
     assert "| compiled | 4 |" in (folder / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_readme_own_model_section_runs_as_printed(tmp_path):
+    """README's "Your own model and images" commands, run as printed (with this interpreter's .venv/bin) in an
+    empty folder: a model file and a generated image folder make a run whose export has ≥ 1.5× fewer FLOPs,
+    config.json keeps the file's absolute path, and load_exported rebuilds the model."""
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- own-model:start -->\n```\n", "```\n<!-- own-model:end -->"
+    script = readme[readme.index(start) + len(start):readme.index(end)]
+    script = script.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "myruns").iterdir()
+    assert json.loads((folder / "config.json").read_text())["model"] == f"{tmp_path}/mynet.py:Net"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["final"]["flops_reduction"] >= 1.5 and report["final"]["accuracy"] > 40  # 4 classes: chance 25
+    assert "(fc): Linear(" in done.stdout and "Conv2d" in done.stdout  # load_exported's model, printed

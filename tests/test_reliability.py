@@ -393,6 +393,10 @@ BAD_INPUTS = [
     ("a truncated IDX file", ["data=fashion_mnist", "data_dir={idx_truncated}"], "truncated"),
     ("CIFAR batches of random bytes", ["data=cifar10", "data_dir={cifar}"], "not a CIFAR python batch"),
     ("a data folder that does not exist", ["data=cifar10", "data_dir=/nonexistent"], "/nonexistent"),
+    ("an image folder that does not exist", ["data=imagefolder", "data_dir=/nonexistent"], "no such folder"),
+    ("an image folder without data_dir", ["data=imagefolder"], "imagefolder needs data_dir"),
+    ("an image folder without val/", ["data=imagefolder", "data_dir={train_only}"], "no val/ folder"),
+    ("an image folder whose train/ has no images", ["data=imagefolder", "data_dir={no_images}"], "holds no images"),
     ("a config file of random bytes", ["{random_config}"], "not a readable TOML config"),
     ("a YAML config file", ["{yaml_config}"], "not a readable TOML config"),
     ("a config name that does not exist", ["no_such_recipe"], "no config file"),
@@ -407,7 +411,9 @@ def test_bad_input_is_one_line_and_leaves_no_folder(what, args, message, tmp_pat
              "idx_magic": lambda: _idx_folder(tmp_path, "magic"), "idx_truncated": lambda: _idx_folder(tmp_path, "cut"),
              "random_config": lambda: _file(tmp_path / "random.toml", os.urandom(200)),
              "yaml_config": lambda: _file(tmp_path / "run.yaml", b"model: resnet20\nlr: 0.1\nlayers:\n  - conv1\n"),
-             "model_file": lambda: _file(tmp_path / "net.py", MODEL_FILE)}
+             "model_file": lambda: _file(tmp_path / "net.py", MODEL_FILE),
+             "train_only": lambda: _folders(tmp_path / "images", "train/cat"),
+             "no_images": lambda: _folders(tmp_path / "images", "train/cat", "val/cat")}
     args = [a.format(**{k: make() for k, make in files.items() if "{" + k + "}" in a}) for a in args]
     config = [a for a in args if "=" not in a]
     code, _, err = cli(["run", *config, *TINY_RUN, *[a for a in args if "=" in a], f"out_dir={tmp_path / 'out'}"],
@@ -416,6 +422,13 @@ def test_bad_input_is_one_line_and_leaves_no_folder(what, args, message, tmp_pat
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     observed("Bad input: one line, no run folder", what, f"exit 2: `{err.strip()}`")
+
+
+def _folders(root: Path, *subfolders: str) -> Path:
+    for sub in subfolders:
+        (root / sub).mkdir(parents=True)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root
 
 
 def _file(path: Path, data: bytes) -> Path:

@@ -55,8 +55,10 @@ def _doc(doc: str):
 class RunConfig:
     name: str = field(default="quick", metadata=_doc("a run's folder is out_dir/name-date-time"))
     # --- data
-    data: str = field(default="fashion_mnist", metadata=_choice(
-        *DATASETS, doc="the data set (read from packages or data_dir)"))
+    data: str = field(default="fashion_mnist", metadata=_choice(*DATASETS, doc=(
+        "the data set (read from packages or data_dir); imagefolder: data_dir/train/<class>/*.jpg and "
+        "data_dir/val/<class>/*.jpg, normalised by the training images' statistics; imagenet: the same reader with "
+        "ImageNet's")))
     data_dir: str = field(default="", metadata=_doc("the data set's folder; empty: its default folder"))
     train_subset: int = field(default=30000, metadata=_range(0, doc="first N training images; 0 = all"))
     test_subset: int = field(default=0, metadata=_range(0, doc="first N test images; 0 = all"))
@@ -64,6 +66,9 @@ class RunConfig:
         "hold out the last N training images and evaluate on them instead of the test set (for choosing "
         "settings); 0 = evaluate on the test set")))
     image_size: int = field(default=0, metadata=_range(0, doc="image folders / synthetic only; 0 = default"))
+    workers: int = field(default=2, metadata=_range(0, doc=(
+        "image folders: DataLoader worker processes (per torchrun process) decoding the images, once at load when "
+        "the folder fits in memory, else each batch ahead of training; 0 = 4 threads in the training process")))
     augment: bool = field(default=True, metadata=_doc("random crop with padding + horizontal flip while training"))
     # --- model
     model: str = field(default="resnet20", metadata=_choice(*MODELS, other=MODEL_REFERENCE, doc=(
@@ -138,6 +143,9 @@ class RunConfig:
     amp: str = field(default="none", metadata=_choice("none", "bf16", doc="bf16: forward under bf16 autocast"))
     channels_last: bool = field(default=False, metadata=_doc(
         "NHWC memory format for the model and its 4-D inputs (faster convolutions on GPUs)"))
+    sync_bn: bool = field(default=False, metadata=_doc(
+        "under torchrun: batch norm over the whole global batch, so N processes train like one (SyncBatchNorm on "
+        "GPUs, an all-reduce on the CPU); false: each process normalises its own share (faster)"))
     compile: bool = field(default=False, metadata=_doc("torch.compile the training forward"))
     on_nonfinite: str = field(default="stop", metadata=_choice(
         "stop", "skip", doc="a step with a non-finite loss or gradient: stop the run, or skip the step"))

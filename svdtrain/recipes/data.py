@@ -2,7 +2,8 @@
 
 Small data sets (Fashion-MNIST, CIFAR, digits, image folders that fit) sit in
 memory as uint8 tensors; a batch is a slice of them, normalised and augmented
-(random crop with padding, horizontal flip) as batched tensor ops.
+(random crop with padding, horizontal flip) as batched tensor ops. Image folders
+too large for memory are decoded per batch, by DataLoader worker processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "digits", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 
@@ -39,9 +40,9 @@ class Split:
         return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
 
     def to(self, device: torch.device) -> "Split":
-        """On `device` (images decoded per batch stay where they are)."""
+        """On `device` (images decoded per batch stay on the CPU, in pinned memory when bound for a GPU)."""
         if isinstance(self.images, LazyImages):
-            return Split(self.images, self.labels.to(device))
+            return Split(dataclasses.replace(self.images, pin=device.type == "cuda"), self.labels.to(device))
         return Split(self.images.to(device), self.labels.to(device))
 
 
@@ -93,13 +94,33 @@ class Dataset:
         n = len(split)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         share = slice(rank, None, world)
-        for i, idx in enumerate(order.split(batch_size)):
-            if max_batches and i >= max_batches:
-                return
-            x = split.images[idx[share]]  # CPU indices index GPU-resident data too
-            if augment and generator is not None:
-                x = augment_batch(x, self.crop_padding, self.flip, generator, len(idx), share)
-            yield self.normalize(x), split.labels[idx[share]]
+        batches = order.split(batch_size)[:max_batches or None]
+        shares = [idx[share] for idx in batches]
+        augment = augment and generator is not None and bool(self.crop_padding or self.flip)
+        # Every random draw is made here, in batch order, for whole batches, then shared out: the same
+        # draws whoever decodes, and each process's share augmented as one process would augment it.
+        draws = [augment_draws(generator, len(idx), share, self.crop_padding, self.flip) for idx in batches] \
+            if augment else [None] * len(batches)
+        if isinstance(split.images, LazyImages):
+            # decoded (and cropped and flipped) ahead, in worker processes, while this one trains
+            images = split.images.decode(shares, draws, self.crop_padding)
+        else:
+            images = (split.images[s] if d is None else _crop_and_flip(split.images[s], self.crop_padding, *d)
+                      for s, d in zip(shares, draws))  # CPU indices index GPU-resident data too
+        for s, x in zip(shares, images):
+            yield self.normalize(x), split.labels[s]
+
+
+def augment_draws(generator: torch.Generator, batch: int, share: slice, padding: int, flip: bool):
+    """The random crop offsets (dy, dx; None without padding) and flips (None without flipping) of a batch of
+    `batch` images, drawn for the whole batch and then cut to `share`."""
+    dy = dx = mask = None
+    if padding:
+        dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)[share]
+        dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)[share]
+    if flip:
+        mask = (torch.rand(batch, generator=generator) < 0.5)[share]
+    return dy, dx, mask
 
 
 def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator, batch: int = 0,
@@ -109,19 +130,21 @@ def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Ge
     `x` may be one process's `share` of a batch of `batch` images: the random draws are made for the
     whole batch and then shared out, so each image is augmented as a single process would do it.
     """
+    return _crop_and_flip(x, padding, *augment_draws(generator, batch or len(x), share, padding, flip))
+
+
+def _crop_and_flip(x: torch.Tensor, padding: int, dy, dx, mask) -> torch.Tensor:
+    """A batch's windows of its zero-padded images at offsets (dy, dx), then flipped where `mask`: one gather."""
     n, c, h, w = x.shape
-    batch, device = batch or n, x.device
-    if padding:
+    device = x.device
+    if dy is not None:
         padded = torch.nn.functional.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)[share].to(device)
-        dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)[share].to(device)
-        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        rows = (dy.to(device)[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (dx.to(device)[:, None] + torch.arange(w, device=device))[:, None, None, :]
         x = padded[torch.arange(n, device=device)[:, None, None, None],
                    torch.arange(c, device=device)[None, :, None, None], rows, cols]
-    if flip:
-        mask = (torch.rand(batch, generator=generator) < 0.5)[share].to(device)
-        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    if mask is not None:
+        x = torch.where(mask.to(device)[:, None, None, None], x.flip(-1), x)
     return x
 
 
@@ -223,28 +246,116 @@ def _decode_image(path: Path, size: int) -> torch.Tensor:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
+@dataclass(frozen=True)
 class LazyImages:
-    """Image files decoded when a batch is taken (for folders too large to hold in memory)."""
+    """Image files decoded when a batch is taken (for folders too large to hold in memory).
 
-    def __init__(self, files: list[Path], size: int):
-        self.files, self.size = files, size
-        self.shape = (len(files), 3, size, size)
+    `workers` > 0: `decode` hands batches to that many DataLoader worker processes, which decode ahead of
+    the training loop (a process each: no GIL between them); 0: a batch is decoded when it is needed, by 4
+    threads in the calling process.
+    """
+
+    files: tuple[Path, ...]
+    size: int
+    workers: int = 0
+    pin: bool = False  # pinned memory, so that batches go to a GPU asynchronously
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 3, self.size, self.size)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return LazyImages(self.files[index], self.size)
+            return dataclasses.replace(self, files=self.files[index])
+        return _BatchDecoder(self.files, self.size, threads=4)[index, None]
+
+    def decode(self, batches: list[torch.Tensor], draws: list | None = None, padding: int = 0):
+        """The images of each index tensor in `batches`, in order, as uint8 (n, 3, size, size); with `draws`
+        (augment_draws of each batch, or None), cropped and flipped image by image as they are decoded."""
+        jobs = list(zip(batches, draws or [None] * len(batches)))
+        decoder = _BatchDecoder(self.files, self.size, padding, threads=0 if self.workers else 4)
+        if not self.workers:
+            return (decoder[job] for job in jobs)
+        return _one_line_errors(torch.utils.data.DataLoader(decoder, batch_size=None, sampler=jobs,
+                                                            num_workers=self.workers, pin_memory=self.pin,
+                                                            prefetch_factor=2))
+
+
+def _one_line_errors(loader):
+    """`loader`'s batches; a DataError in a worker (an image that does not decode) comes back as DataLoader
+    re-raises it, with the worker's traceback in its message: raised again as the one line it was."""
+    try:
+        yield from loader
+    except DataError as e:
+        raise DataError(str(e).strip().splitlines()[-1].partition("DataError: ")[2] or str(e)) from None
+
+
+class _BatchDecoder(torch.utils.data.Dataset):
+    """decoder[indices, draws] → one decoded batch, each image cropped and flipped by its draws (a worker
+    decodes whole batches: one hand-over per batch). A lone image's crop is a slice, cheaper than the gather
+    a batch in memory takes; the pixels are the same."""
+
+    def __init__(self, files: tuple[Path, ...], size: int, padding: int = 0, threads: int = 0):
+        self.files, self.size, self.padding, self.threads = files, size, padding, threads
+
+    def __getitem__(self, job) -> torch.Tensor:
+        indices, draws = job
+        indices = indices.tolist()
+        dy, dx, mask = (None if d is None else d.tolist() for d in draws or (None, None, None))
+
+        def one(k: int) -> torch.Tensor:
+            image = _decode_image(self.files[indices[k]], self.size)
+            if dy is not None:
+                p, size = self.padding, self.size
+                image = torch.nn.functional.pad(image, (p,) * 4)[:, dy[k]:dy[k] + size, dx[k]:dx[k] + size]
+            return image.flip(-1) if mask is not None and mask[k] else image
+
+        if not self.threads:
+            return torch.stack([one(k) for k in range(len(indices))])
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes outside the GIL
-            return torch.stack(list(pool.map(lambda i: _decode_image(self.files[i], self.size), index.tolist())))
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:  # PIL decodes outside the GIL
+            return torch.stack(list(pool.map(one, range(len(indices)))))
 
 
-def load_image_folder(folder: Path, image_size: int, memory_limit_gb: float = 4.0) -> Dataset:
-    """ImageNet-style `train/<class>/*.jpg` and `val/<class>/*.jpg`, resized (shorter side) and centre-cropped
-    to `image_size`; decoded once into memory when it fits in `memory_limit_gb`, else per batch."""
+def _decode_all(images: LazyImages, chunk: int = 256) -> torch.Tensor:
+    out = torch.empty(images.shape, dtype=torch.uint8)
+    parts = list(torch.arange(len(images)).split(chunk))
+    for idx, x in zip(parts, images.decode(parts)):
+        out[idx] = x
+    return out
+
+
+def _channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]: of all of them when they are in
+    memory, else of up to 1,000 spread evenly over the folder."""
+    if isinstance(images, LazyImages):
+        pick = torch.linspace(0, len(images) - 1, min(len(images), 1000)).long().unique()
+        images = torch.cat(list(images.decode(list(pick.split(256)))))
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for part in images.split(256):
+        x = part.double() / 255
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (squares / n - mean**2).clamp(min=1e-12).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_image_folder(folder: Path, image_size: int, memory_limit_gb: float = 4.0, workers: int = 0,
+                      name: str = "imagefolder") -> Dataset:
+    """`train/<class>/*.jpg` and `val/<class>/*.jpg` (any of _IMAGE_SUFFIXES), resized (shorter side) and
+    centre-cropped to `image_size`; decoded once into memory when it fits in `memory_limit_gb`, else per batch;
+    by `workers` processes (0: threads of this one). Normalised by ImageNet's statistics for name="imagenet", else
+    by the training images' own."""
     try:
         import PIL  # noqa: F401
     except ImportError:
@@ -263,13 +374,15 @@ def load_image_folder(folder: Path, image_size: int, memory_limit_gb: float = 4.
                  for p in sorted((folder / split / c).iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"{folder / split} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
-        images = LazyImages([p for p, _ in files], image_size)
+        images = LazyImages(tuple(p for p, _ in files), image_size, workers)
         if len(files) * 3 * image_size**2 <= memory_limit_gb * 2**30:
-            images = images[torch.arange(len(files))]
+            images = _decode_all(images)
         return Split(images, torch.tensor([label for _, label in files]))
 
-    return Dataset("imagenet", read("train"), read("val"), num_classes=len(classes), mean=(0.485, 0.456, 0.406),
-                   std=(0.229, 0.224, 0.225), crop_padding=image_size // 8, flip=True)
+    train = read("train")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else _channel_stats(train.images)
+    return Dataset(name, train, read("val"), num_classes=len(classes), mean=mean, std=std,
+                   crop_padding=image_size // 8, flip=True)
 
 
 def load_digits() -> Dataset:
@@ -300,16 +413,57 @@ def make_synthetic(num_classes: int = 4, image_size: int = 12, channels: int = 1
                    std=(0.3,) * channels, crop_padding=1, flip=True)
 
 
-def load_dataset(name: str, data_dir: str = "", image_size: int = 0) -> Dataset:
-    """The data set `name` (one of DATASETS) from `data_dir` (empty: its default folder)."""
+SHAPES = ("circle", "square", "triangle", "bar")
+
+
+def write_shapes_folder(root: Path, train_per_class: int = 50, val_per_class: int = 10, size: int = 64,
+                        seed: int = 0, classes: int = 4) -> Path:
+    """A generated image folder (root/train/<class>/*.jpg, root/val/<class>/*.jpg) for examples, tests and
+    benchmarks: each class is a shape (circle, square, triangle, bar) of random colour, size and place on a
+    random gradient with noise, saved as a JPEG of `size`² pixels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for shape in SHAPES[:classes]:
+            folder = Path(root) / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+                background = low + (high - low) * (ramp if rng.random() < 0.5 else ramp.transpose(1, 0, 2))
+                pixels = background + rng.normal(0, 12, (size, size, 3))
+                im = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                r = rng.uniform(0.15, 0.3) * size
+                x, y = rng.uniform(r, size - r, 2)
+                colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+                draw = ImageDraw.Draw(im)
+                if shape == "circle":
+                    draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+                elif shape == "square":
+                    draw.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+                elif shape == "triangle":
+                    draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+                else:
+                    draw.rectangle((x - r, y - r / 4, x + r, y + r / 4), fill=colour)
+                im.save(folder / f"{i:05d}.jpg", quality=90)
+    return Path(root)
+
+
+def load_dataset(name: str, data_dir: str = "", image_size: int = 0, workers: int = 0) -> Dataset:
+    """The data set `name` (one of DATASETS) from `data_dir` (empty: its default folder); image folders are
+    decoded by `workers` processes (0: threads of this one)."""
     if name == "fashion_mnist":
         return load_fashion_mnist(Path(data_dir or FASHION_MNIST_DIR))
     if name in ("cifar10", "cifar100"):
         return load_cifar(Path(data_dir or "data"), 10 if name == "cifar10" else 100)
-    if name == "imagenet":
+    if name in ("imagefolder", "imagenet"):
         if not data_dir:
-            raise DataError("imagenet needs data_dir=FOLDER holding train/<class>/ and val/<class>/ image folders")
-        return load_image_folder(Path(data_dir), image_size or 224)
+            raise DataError(f"{name} needs data_dir=FOLDER holding train/<class>/ and val/<class>/ image folders")
+        if not Path(data_dir).is_dir():
+            raise DataError(f"data_dir={data_dir}: no such folder")
+        return load_image_folder(Path(data_dir), image_size or 224, workers=workers, name=name)
     if name == "digits":
         return load_digits()
     if name == "synthetic":

@@ -5,7 +5,8 @@ WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `start` joins that group (NCCL on C
 Without those variables there is one process and every method here is a no-op.
 
 The division of work: every process trains on its share of each global batch (the batch_size images
-of one step are split across processes, so a step's gradient is the same as one process's); rank 0
+of one step are split across processes, so a step's gradient is the same as one process's; with batch
+norm, only when its statistics are those of the whole batch: `sync_bn=true`, `sync_batch_norm_`); rank 0
 alone writes files and runs the stages that decide or measure (prune, export, report), and the others
 wait at a barrier and read what it wrote. Several machines therefore need a run folder on a file
 system they share, as resuming does.
@@ -21,7 +22,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as collective
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,66 @@ class Cluster:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
 
+    def sync_batch_norm_(self, model: nn.Module) -> int:
+        """From now on every batch-norm layer of `model` normalises a training batch by the statistics of the
+        whole global batch, over all processes, as one process would: nn.SyncBatchNorm on GPUs; on the CPU, where
+        SyncBatchNorm refuses to run, `AllReduceBatchNorm`. The layers stay the same objects (only their class
+        changes: parameters, buffers, state_dict keys and optimizer state are untouched); in eval mode they are
+        plain batch norm. Returns the number of layers; none with one process."""
+        layers = [m for m in model.modules() if isinstance(m, _BatchNorm)] if self.world > 1 else []
+        for m in layers:
+            if self.device.type == "cuda":
+                m.__class__, m.process_group = nn.SyncBatchNorm, None
+            elif not isinstance(m, AllReduceBatchNorm):
+                m.__class__ = _all_reduce_class(type(m))
+        return len(layers)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` under DistributedDataParallel (which starts by copying rank 0's parameters to all)."""
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+class AllReduceBatchNorm:
+    """Mixed into a batch-norm class (`_all_reduce_class`): in training, the mean and variance are those of the
+    global batch (per-channel sums all-reduced over the processes, the gradient flowing back through the
+    all-reduce), so N processes with a share each compute what one process does with the whole batch. Two
+    passes (sum, then sum of squared deviations) as batch norm itself computes them, in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = xf.numel() // xf.shape[1]
+        sums = collective.all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([count])]))
+        n, mean = sums[-1], sums[:-1] / sums[-1]
+        centred = xf - mean.view(shape)
+        var = collective.all_reduce(centred.square().sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean), momentum)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var), momentum)  # unbiased, as BN
+        return y
+
+
+_ALL_REDUCE_CLASSES: dict[type, type] = {}
+
+
+def _all_reduce_class(cls: type) -> type:
+    """`cls` (BatchNorm1d / 2d / 3d, or a subclass) with AllReduceBatchNorm's training forward."""
+    if cls not in _ALL_REDUCE_CLASSES:
+        _ALL_REDUCE_CLASSES[cls] = type(f"AllReduce{cls.__name__}", (AllReduceBatchNorm, cls), {})
+    return _ALL_REDUCE_CLASSES[cls]
 
 
 def pick_device(device: str) -> torch.device:

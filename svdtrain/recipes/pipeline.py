@@ -147,8 +147,10 @@ class Run:
 
     @cached_property
     def data(self) -> Dataset:
-        """In memory; on the GPU when training runs there (a batch is then a slice, nothing is copied)."""
-        data = load_dataset(self.cfg.data, self.cfg.data_dir, self.cfg.image_size).held_out(self.cfg.val_subset)
+        """In memory, on the GPU when training runs there (a batch is then a slice, nothing is copied); an image
+        folder too large for memory is decoded per batch by `workers` processes."""
+        cfg = self.cfg
+        data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers).held_out(cfg.val_subset)
         return data.to(self.cluster.device)
 
     def stage_dir(self, stage: str) -> Path:

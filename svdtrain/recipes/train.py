@@ -243,6 +243,9 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
 
+    if cfg.sync_bn:
+        cluster.sync_batch_norm_(model)  # before DDP wraps it
+
     def wrapped():
         forward = cluster.wrap(model)
         return torch.compile(forward) if cfg.compile else forward
