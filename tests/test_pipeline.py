@@ -280,5 +280,5 @@ def test_readme_own_model_section_runs_as_printed(tmp_path):
     (folder,) = (tmp_path / "myruns").iterdir()
     assert json.loads((folder / "config.json").read_text())["model"] == f"{tmp_path}/mynet.py:Net"
     report = json.loads((folder / "report.json").read_text())
-    assert report["final"]["flops_reduction"] >= 1.5 and report["final"]["accuracy"] > 40  # 4 classes: chance 25
+    assert report["final"]["flops_reduction"] >= 1.5 and report["final"]["accuracy"] > 60  # 4 classes: chance 25
     assert "(fc): Linear(" in done.stdout and "Conv2d" in done.stdout  # load_exported's model, printed

@@ -416,11 +416,11 @@ def make_synthetic(num_classes: int = 4, image_size: int = 12, channels: int = 1
 SHAPES = ("circle", "square", "triangle", "bar")
 
 
-def write_shapes_folder(root: Path, train_per_class: int = 50, val_per_class: int = 10, size: int = 64,
+def write_shapes_folder(root: Path, train_per_class: int = 200, val_per_class: int = 50, size: int = 64,
                         seed: int = 0, classes: int = 4) -> Path:
     """A generated image folder (root/train/<class>/*.jpg, root/val/<class>/*.jpg) for examples, tests and
-    benchmarks: each class is a shape (circle, square, triangle, bar) of random colour, size and place on a
-    random gradient with noise, saved as a JPEG of `size`² pixels."""
+    benchmarks: each class is a shape (circle, square, triangle, bar) of random size, place and colour, light on
+    a dark random gradient or dark on a light one, with noise, saved as a JPEG of `size`² pixels."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -431,13 +431,15 @@ def write_shapes_folder(root: Path, train_per_class: int = 50, val_per_class: in
             folder = Path(root) / split / shape
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+                dark = rng.random() < 0.5  # a dark background and a light shape, or the other way round
+                low, high = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
                 background = low + (high - low) * (ramp if rng.random() < 0.5 else ramp.transpose(1, 0, 2))
-                pixels = background + rng.normal(0, 12, (size, size, 3))
+                pixels = (background if dark else 255 - background) + rng.normal(0, 12, (size, size, 3))
                 im = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-                r = rng.uniform(0.15, 0.3) * size
+                r = rng.uniform(0.2, 0.35) * size
                 x, y = rng.uniform(r, size - r, 2)
-                colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+                shade = rng.integers(150, 256, 3)
+                colour = tuple(int(v) for v in (shade if dark else 255 - shade))
                 draw = ImageDraw.Draw(im)
                 if shape == "circle":
                     draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
