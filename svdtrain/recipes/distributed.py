@@ -84,19 +84,18 @@ class Cluster:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
 
-    def sync_batch_norm_(self, model: nn.Module) -> int:
+    def sync_batch_norm_(self, model: nn.Module):
         """From now on every batch-norm layer of `model` normalises a training batch by the statistics of the
         whole global batch, over all processes, as one process would: nn.SyncBatchNorm on GPUs; on the CPU, where
         SyncBatchNorm refuses to run, `AllReduceBatchNorm`. The layers stay the same objects (only their class
         changes: parameters, buffers, state_dict keys and optimizer state are untouched); in eval mode they are
-        plain batch norm. Returns the number of layers; none with one process."""
+        plain batch norm. With one process, nothing changes."""
         layers = [m for m in model.modules() if isinstance(m, _BatchNorm)] if self.world > 1 else []
         for m in layers:
             if self.device.type == "cuda":
                 m.__class__, m.process_group = nn.SyncBatchNorm, None
             elif not isinstance(m, AllReduceBatchNorm):
                 m.__class__ = _all_reduce_class(type(m))
-        return len(layers)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` under DistributedDataParallel (which starts by copying rank 0's parameters to all)."""

@@ -229,7 +229,7 @@ def load_callable(name: str):
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 -- the user's code: any failure is one line naming it
-        raise ModelError(f"model {name!r}: cannot load {target} ({type(e).__name__}: {e})") from None
+        raise ModelError(f"model {name!r}: cannot load {target} ({_one_line(e)})") from None
     fn = module
     for part in attribute.split("."):
         if not hasattr(fn, part):
@@ -259,11 +259,14 @@ def build_user_model(name: str, num_classes: int, in_channels: int, image_size: 
     try:
         model = fn(**args)
     except Exception as e:  # noqa: BLE001 -- the user's code
-        raise ModelError(f"model {name!r} failed with arguments {args}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ModelError(f"model {name!r} failed with arguments {args}: {_one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name!r} returned {type(model).__name__!r}; allowed: a torch.nn.Module")
     return model
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int, bottleneck: bool = False,
