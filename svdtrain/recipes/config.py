@@ -27,9 +27,6 @@ from .baselines import METHODS
 from .data import DATASETS
 from .models import MODELS, is_reference
 
-MODEL_REFERENCE = "package.module:callable or path/to/file.py:callable"
-# What a choice field's `other` accepts besides its choices.
-_OTHERS = {MODEL_REFERENCE: lambda value: is_reference(value) and all(value.rpartition(":")[::2])}
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -38,9 +35,13 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and what is allowed."""
 
 
-def _choice(*values, doc="", other=""):
-    """One of `values`; with `other`, also a value `_OTHERS[other]` accepts (described by `other`)."""
+def _choice(*values, doc="", other=None):
+    """One of `values`; with `other` = (description, accepts), also any value `accepts(value)` is true for."""
     return {"choices": values, "doc": doc, **({"other": other} if other else {})}
+
+
+def _model_reference(value: str) -> bool:
+    return is_reference(value) and all(value.rpartition(":")[::2])  # both module / file and callable named
 
 
 def _range(low=None, high=None, low_open=False, high_open=False, doc=""):
@@ -71,7 +72,8 @@ class RunConfig:
         "the folder fits in memory, else each batch ahead of training; 0 = 4 threads in the training process")))
     augment: bool = field(default=True, metadata=_doc("random crop with padding + horizontal flip while training"))
     # --- model
-    model: str = field(default="resnet20", metadata=_choice(*MODELS, other=MODEL_REFERENCE, doc=(
+    model: str = field(default="resnet20", metadata=_choice(*MODELS, other=(
+        "package.module:callable or path/to/file.py:callable", _model_reference), doc=(
         "the network: a reference model, or your own callable (called with num_classes, in_channels, image_size "
         "where its signature takes them, plus model_args; a file's code runs when the run loads it)")))
     model_args: dict = field(default_factory=dict, metadata=_doc(
@@ -237,7 +239,7 @@ def _check(f: dataclasses.Field, value):
     elif kind is str:
         if not isinstance(value, str):
             raise bad(_allowed_text(meta) if "choices" in meta else "a string")
-        if "other" in meta and _OTHERS[meta["other"]](value):
+        if "other" in meta and meta["other"][1](value):
             return value
     elif kind is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -299,7 +301,7 @@ def write_reference(readme: Path = CONFIG_DIR.parent / "README.md"):
 
 
 def _allowed_text(meta) -> str:
-    return ", ".join(map(str, meta["choices"])) + (f" or {meta['other']}" if "other" in meta else "")
+    return ", ".join(map(str, meta["choices"])) + (f" or {meta['other'][0]}" if "other" in meta else "")
 
 
 def _range_text(meta) -> str:

@@ -14,6 +14,7 @@ system they share, as resuming does.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import pickle
@@ -135,14 +136,10 @@ class AllReduceBatchNorm:
         return y
 
 
-_ALL_REDUCE_CLASSES: dict[type, type] = {}
-
-
+@functools.cache  # one class per batch-norm class
 def _all_reduce_class(cls: type) -> type:
     """`cls` (BatchNorm1d / 2d / 3d, or a subclass) with AllReduceBatchNorm's training forward."""
-    if cls not in _ALL_REDUCE_CLASSES:
-        _ALL_REDUCE_CLASSES[cls] = type(f"AllReduce{cls.__name__}", (AllReduceBatchNorm, cls), {})
-    return _ALL_REDUCE_CLASSES[cls]
+    return type(f"AllReduce{cls.__name__}", (AllReduceBatchNorm, cls), {})
 
 
 def pick_device(device: str) -> torch.device:
