@@ -41,9 +41,9 @@ import torch
 
 import svdtrain
 from svdtrain.recipes.config import RunConfig
-from svdtrain.recipes.data import load_dataset
+from svdtrain.recipes.data import draw_indices, load_dataset
 from svdtrain.recipes.pipeline import Run, load_exported, run_stage
-from svdtrain.recipes.report import conv_flops, measure_latency, write_section
+from svdtrain.recipes.report import conv_flops, dense_vs_final, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,8 +146,9 @@ def _measure(run: Run, args) -> dict:
     out = {}
     for batch in (1, 32):
         x = run.example_input(batch)
-        times = measure_latency({"dense": dense, "model": small}, x, args.latency_repeats)
-        out[f"latency_b{batch}_ms"], out[f"dense_latency_b{batch}_ms"] = times["model"], times["dense"]
+        times = dense_vs_final(dense, small, x, args.latency_repeats, "eager")
+        out[f"latency_b{batch}_ms"], out[f"dense_latency_b{batch}_ms"] = times["final_ms"], times["dense_ms"]
+        out[f"speedup_b{batch}"] = times["speedup"]
     x = run.example_input()
     out.update(flops=svdtrain.count_flops(small, x), conv_flops=conv_flops(small, x),
                params=svdtrain.count_params(small))
@@ -190,6 +191,7 @@ class Sweep:
             folder = work / f"{label}-flops{target}"
             _copy_run(base.folder, folder)
             point = Run.open(folder, {"prune_flops": target, "name": folder.name, **after_compress})
+            point.save_config()
             pruned = run_stage(point, "prune")
             record = {"method": label, "knob": "prune_flops", "knob_value": target, "settings": settings,
                       "accuracy": run_stage(point, "finetune")["accuracy"], "accuracy_after_prune": pruned["accuracy"],
@@ -237,11 +239,13 @@ def tune(args, checkpoint: str, common: dict) -> dict:
 
 def sweep(args) -> dict:
     if args.tune_subset >= 0:
-        n = len(load_dataset(args.data).train)
-        if not args.train_subset or args.train_subset + args.val_subset > n:
-            raise SystemExit(f"the validation split (last {args.val_subset} of {n} training images) must not overlap "
-                             f"the sweep's training images (first {args.train_subset or n}); lower --val-subset "
-                             "or --train-subset")
+        labels = load_dataset(args.data).train.labels
+        trained, _ = draw_indices(labels, args.train_subset)
+        _, validation = draw_indices(labels, 0, args.val_subset)
+        if not args.train_subset or set(trained.tolist()) & set(validation.tolist()):
+            raise SystemExit(f"the validation split ({args.val_subset} of {len(labels)} training images) must not "
+                             f"overlap the sweep's training images ({args.train_subset or len(labels)}); lower "
+                             "--val-subset or --train-subset")
     work = Path(args.work)
     if work.exists():
         shutil.rmtree(work)
@@ -416,9 +420,9 @@ def markdown(result: dict, png: str) -> str:
     ]
     if t["methods"]:
         lines += [
-            f"Settings chosen on a validation split, never on the test set: the last {t['val_subset']:,} "
-            f"training images (the sweep trains on the first {result['train_subset']:,}, so they are "
-            f"disjoint), with the compress and fine-tuning phases on the first {t['train_subset']:,} training "
+            f"Settings chosen on a validation split, never on the test set: {t['val_subset']:,} training "
+            f"images held out, each class its share (disjoint from the {result['train_subset']:,} the sweep "
+            f"trains on: `draw_indices`), with the compress and fine-tuning phases on {t['train_subset']:,} training "
             f"images (a cheaper proxy of the same schedule) at FLOPs budget {t['target']}. Every method tries the "
             f"same number of settings (4: its own, one alternative of its own, fine-tuning at lr "
             f"{LOWER_FINETUNE_LR['finetune_lr']:g}, then the best of these three with distillation from the dense "

@@ -22,7 +22,7 @@ import torch
 
 import svdtrain
 from svdtrain.export import dense_copy
-from svdtrain.latency import runner, threads, timings_for
+from svdtrain.latency import paired_speedup, runner, threads, timings_for
 from svdtrain.layers import svd_layers
 from svdtrain.recipes.pipeline import Run
 from svdtrain.recipes.report import write_section
@@ -35,14 +35,12 @@ SETTINGS = [("onnxruntime", 1, 2), ("eager", 1, 2), ("compiled", 1, 2), ("onnxru
 
 def speedup(dense, small, x, backend: str) -> dict:
     ms = timings_for({"dense": runner(dense, x, backend), "small": runner(small, x, backend)}, budget_s=4.0)
-    ratios = sorted(d / s for d, s in zip(ms["dense"], ms["small"]))
-    q = statistics.quantiles(ratios, n=4)
     return {"dense_ms": statistics.median(ms["dense"]), "ms": statistics.median(ms["small"]),
-            "speedup": statistics.median(ratios), "speedup_iqr": [q[0], q[2]]}
+            **paired_speedup(ms["dense"], ms["small"])}
 
 
 def measure(folder: Path) -> dict:
-    run = Run.open(folder, save=False, echo=lambda *a: None)
+    run = Run.open(folder, echo=lambda *a: None)
     cfg = run.cfg
     model, x1 = run.model_after("finetune").eval(), run.example_input(1)
     dense = dense_copy(model).eval()

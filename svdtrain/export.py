@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .decompose import swap_modules
-from .latency import check_backend, runner, time_forms, timings_for
+from .latency import BACKENDS, check_backend, runner, time_forms, timings_for
 from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
 from .stats import trace_svd_layers
 
@@ -29,6 +29,8 @@ def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", bac
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if backend not in BACKENDS:  # a misspelt backend is an error whatever the strategy, never silently ignored
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     if strategy == "latency":
         if not isinstance(example_inputs, torch.Tensor):
             raise ValueError("export(strategy='latency') needs example_inputs: one input tensor at the deployment "

@@ -171,6 +171,15 @@ def timings(runners: dict[str, callable], repeats: int = 20, warmup: int = 3) ->
     return times
 
 
+def paired_speedup(base: list[float], other: list[float]) -> dict:
+    """How much faster `other` runs than `base`, from timings taken alternately (`timings`): the median of the
+    paired ratios base / other, which cancels drift that hits both of a pair alike, with their interquartile
+    range."""
+    ratios = sorted(b / o for b, o in zip(base, other, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"speedup": statistics.median(ratios), "speedup_iqr": [quartiles[0], quartiles[-1]]}
+
+
 def median_ms(runners: dict[str, callable], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds per call of each runner (see `timings`)."""
     return {name: statistics.median(t) for name, t in timings(runners, repeats, warmup).items()}

@@ -290,10 +290,12 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
             budget = fraction * dense[knob]
             smallest = cost(ranks_at(math.nextafter(1.0, 0.0)))[knob] / dense[knob]
             if smallest > fraction:
+                levers = [lever for lever, used in (("a lower min_rank", min_rank > 1),
+                                                    ("a lower rank_multiple", max(multiples) > 1)) if used]
                 raise ValueError(f"{knob}={fraction} is impossible: with every layer at min_rank={min_rank} "
                                  f"(rank_multiple={rank_multiple or 'default'}) the export still has "
-                                 f"{smallest:.4f} of the dense model's {knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1, "
-                                 "or a lower min_rank or rank_multiple")
+                                 f"{smallest:.4f} of the dense model's {knob}; allowed: {smallest:.4f} ≤ {knob} ≤ 1"
+                                 + "".join(f", or {lever}" for lever in levers))
             # Cost only falls as the energy knob rises, and ranks only change where the knob
             # crosses some layer's tail energy: bisect over those values for the least pruning.
             values = torch.cat([t[..., 1:].flatten() for t in tails]).unique()

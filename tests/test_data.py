@@ -1,5 +1,7 @@
+import dataclasses
 import gzip
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -244,20 +246,59 @@ def test_unknown_data_set():
         load_dataset("mnist")
 
 
-def test_validation_split_is_cut_from_the_training_images_and_disjoint_from_them():
-    data = make_synthetic(n_train=256, n_test=64)
-    held = data.held_out(56)
-    assert held.eval_split == "validation" and data.eval_split == "test"
-    assert len(held.train) == 200 and len(held.test) == 56
-    # Exactly the original training images, split in two: the last 56 are evaluation, the rest training.
-    assert torch.equal(torch.cat([held.train.images, held.test.images]), data.train.images)
-    assert torch.equal(torch.cat([held.train.labels, held.test.labels]), data.train.labels)
-    train_rows = {bytes(x.numpy()) for x in held.train.images}
-    assert not any(bytes(x.numpy()) in train_rows for x in held.test.images)  # no image on both sides
-    assert held.train.subset(100).images.shape[0] == 100  # train_subset takes from the kept part
-    assert data.held_out(0) is data
-    with pytest.raises(DataError, match="val_subset=256 leaves no training images"):
-        data.held_out(256)
+def sorted_by_class(data):
+    """`data` with its training images ordered by class, as an image folder lists them."""
+    order = data.train.labels.argsort(stable=True)
+    return dataclasses.replace(data, train=data.train.take(order))
+
+
+def test_subsets_and_splits_are_drawn_across_classes(observed):
+    data = sorted_by_class(make_synthetic(num_classes=4, n_train=256, n_test=64))
+    counts = data.train.labels.bincount()
+    # The first half of a folder sorted by class holds 2 of its 4 classes; the draw holds all 4, each its share.
+    half = data.drawn(train=128)
+    assert data.train.labels[:128].unique().numel() == 2
+    drawn = half.train.labels.bincount(minlength=4)
+    assert drawn.sum() == 128 and (drawn - counts * 128 / 256).abs().max() <= 1
+    assert torch.equal(half.test.labels, data.test.labels)  # no test_subset: the whole test set
+    # val_subset: every class on both sides, disjoint, together exactly the training images.
+    held = data.drawn(val=56)
+    assert held.eval_split == "validation" and len(held.train) == 200 and len(held.test) == 56
+    assert held.train.labels.unique().numel() == 4 and held.test.labels.unique().numel() == 4
+    assert (held.test.labels.bincount(minlength=4) - counts * 56 / 256).abs().max() <= 1
+    rows = lambda split: {bytes(x.numpy()) for x in split.images}  # noqa: E731
+    assert not rows(held.train) & rows(held.test)
+    assert rows(held.train) | rows(held.test) == rows(data.train)
+    # A run without a held-out split trains on none of the images another run validates on (room in every class).
+    assert not rows(data.drawn(train=180).train) & rows(held.test)
+    assert rows(data.drawn(train=100, val=56).train) <= rows(held.train)
+    # test_subset draws across classes too; the same draws every time, whatever the run's seed.
+    assert data.drawn(test=8).test.labels.unique().numel() == 4
+    torch.manual_seed(123)
+    assert torch.equal(data.drawn(train=128, val=20).train.images, data.drawn(train=128, val=20).train.images)
+    assert data.drawn(0, 0, 0).train is data.train and data.drawn().eval_split == "test"
+    observed("Subsets and splits keep every class", "train_subset = half of a 4-class training set listed by "
+             "class (its first half holds 2 classes)", f"all 4 classes drawn, {drawn.tolist()} images each "
+             f"(of {counts.tolist()})")
+    observed("Subsets and splits keep every class", "val_subset=56 of 256 images in 4 classes", "every class on "
+             "both sides, disjoint, together the whole training set; a run without val_subset and train_subset "
+             "≤ the rest trains on none of those 56")
+
+
+@pytest.mark.parametrize("what, draw, message", [
+    ("train_subset below the number of classes", dict(train=3), "train_subset=3 cannot keep every class"),
+    ("test_subset below the number of classes", dict(test=2), "test_subset=2 cannot keep every class"),
+    ("val_subset with a class of a single image", dict(val=10), "single training image"),
+    ("val_subset = all training images", dict(val=256), "val_subset=256 leaves no training images"),
+])
+def test_a_draw_that_would_drop_a_class_is_refused(what, draw, message, observed):
+    data = make_synthetic(num_classes=4, n_train=256, n_test=64)
+    if "single" in message:  # class 3 keeps one image
+        keep = (data.train.labels != 3) | (torch.arange(256) == int((data.train.labels == 3).nonzero()[0]))
+        data = dataclasses.replace(data, train=data.train.take(keep.nonzero().flatten()))
+    with pytest.raises(DataError, match=message) as e:
+        data.drawn(**draw)
+    observed("Subsets and splits keep every class", what, f"DataError: `{e.value}`")
 
 
 def test_a_run_with_val_subset_never_reads_the_test_set(tmp_path):
@@ -266,6 +307,72 @@ def test_a_run_with_val_subset_never_reads_the_test_set(tmp_path):
 
     run = Run(tmp_path, RunConfig(data="synthetic", val_subset=40, train_subset=100))
     full = load_dataset("synthetic")
-    assert torch.equal(run.data.test.images, full.train.images[-40:])
-    assert torch.equal(run.data.train.images, full.train.images[:-40])
-    assert not torch.equal(run.data.test.images[:len(full.test)], full.test.images[:40])
+    rows = lambda images: {bytes(x.numpy()) for x in images}  # noqa: E731
+    assert run.data.eval_split == "validation" and len(run.data.test) == 40 and len(run.data.train) == 100
+    assert rows(run.data.test.images) <= rows(full.train.images)
+    assert not rows(run.data.test.images) & rows(full.test.images)
+    assert not rows(run.data.test.images) & rows(run.data.train.images)
+    assert run.data_summary["train_images"] == 100 and run.data_summary["of_train_images"] == 256
+
+
+def test_train_subset_default_is_the_quick_recipes_half_on_fashion_mnist_only():
+    from svdtrain.recipes.config import RunConfig
+
+    assert RunConfig().train_images == 30000
+    assert RunConfig(data="imagefolder").train_images == 0 and RunConfig(data="cifar10").train_images == 0
+    assert RunConfig(data="imagefolder", train_subset=500).train_images == 500
+
+
+def test_decoded_batches_are_normalised_where_their_labels_are(tmp_path):
+    """A batch decoded per batch (pinned, bound for a GPU) moves as uint8 and is normalised on its device: here
+    labels on the meta device stand for a GPU's."""
+    pytest.importorskip("PIL")
+    write_image_folder(tmp_path)
+    lazy = load_image_folder(tmp_path, 8, memory_limit_gb=0)
+    on_meta = dataclasses.replace(lazy.train, labels=lazy.train.labels.to("meta"))
+    (x, y), *_ = lazy.batches(on_meta, 4)
+    assert x.device.type == "meta" and x.dtype == torch.float32 and y.device.type == "meta"
+
+
+def _png_claiming(path: Path, width: int, height: int):
+    """A PNG whose header claims width × height pixels (valid CRCs), with a few bytes of pixel data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_claiming_a_billion_pixels_is_one_line(tmp_path, workers, observed):
+    pytest.importorskip("PIL")
+    write_image_folder(tmp_path)
+    bomb = tmp_path / "train" / "cat" / "9.png"
+    _png_claiming(bomb, 30000, 30000)
+    with pytest.raises(DataError) as e:
+        load_image_folder(tmp_path, 8, memory_limit_gb=0, workers=workers)
+    assert str(e.value).startswith(f"{bomb}: refused, too large to decode safely") and "\n" not in str(e.value)
+    observed("Data readers", f"a PNG whose header claims 30000×30000 pixels (workers={workers})",
+             f"DataError: `{e.value}`")
+
+
+@pytest.mark.parametrize("what, damage, message", [
+    ("a val/ class that train/ lacks", lambda root: (root / "val" / "bird").mkdir(), "val has class folder(s) bird"),
+    ("a train/ class that val/ lacks", lambda root: (root / "train" / "bird").mkdir(),
+     "train has class folder(s) bird that"),
+    ("an empty class folder (in train/ and val/)",
+     lambda root: [(root / split / "bird").mkdir() for split in ("train", "val")], "bird holds no images"),
+    ("a class folder of non-image files", lambda root: [
+        (root / split / "bird").mkdir() or (root / split / "bird" / "a.txt").write_text("x")
+        for split in ("train", "val")], "bird holds no images"),
+])
+def test_class_folders_that_do_not_match_are_one_line(tmp_path, what, damage, message, observed):
+    pytest.importorskip("PIL")
+    write_image_folder(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        load_image_folder(tmp_path, 8)
+    observed("Data readers", what, f"DataError: `{e.value}`")

@@ -122,3 +122,72 @@ def test_compiled_backend_computes_what_eager_does():
     with torch.no_grad():
         for (name, b), f in fast.items():
             assert rel_err(f(X[:b]), models[name](X[:b])) <= 1e-4, (name, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strategy="speed"), "strategy='speed'; allowed: flops, latency"),
+    (dict(strategy="latency", backend="tpu"), "backend='tpu'; allowed: eager, eager_prepared, compiled, onnxruntime"),
+    (dict(backend="tpu"), "backend='tpu'; allowed: eager"),  # with strategy flops too: never silently ignored
+    (dict(strategy="latency", example_inputs=None), "needs example_inputs: one input tensor"),
+])
+def test_bad_export_arguments(kwargs, message):
+    kwargs = {"example_inputs": X, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        export(pruned_resnet(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(latency=0.5), r"prune_\(latency=...\) needs example_inputs"),
+    (dict(latency=0.5, example_inputs=X, backend="tpu"), "backend='tpu'; allowed: eager"),
+])
+def test_latency_budget_needs_inputs_and_a_backend(kwargs, message):
+    model = pruned_resnet()
+    ranks = [layer.rank for _, layer in svd_layers(model)]
+    with pytest.raises(ValueError, match=message):
+        prune_(model, **kwargs)
+    assert [layer.rank for _, layer in svd_layers(model)] == ranks  # refused before anything was cut
+
+
+def test_paired_speedup_is_the_median_of_paired_ratios():
+    base, other = [10.0, 12.0, 30.0, 11.0, 10.0], [5.0, 4.0, 10.0, 5.5, 20.0]  # ratios 2, 3, 3, 2, 0.5
+    out = latency.paired_speedup(base, other)
+    assert out["speedup"] == 2.0  # the ratio of the medians would say 11 / 5.5 = 2.0 by chance; see next
+    assert latency.paired_speedup([10, 10, 40], [5, 20, 10])["speedup"] == 2.0  # medians: 10 / 10 = 1.0
+    assert out["speedup_iqr"][0] <= out["speedup"] <= out["speedup_iqr"][1]
+    assert latency.paired_speedup([3.0], [1.5]) == {"speedup": 2.0, "speedup_iqr": [2.0, 2.0]}
+
+
+def test_dense_vs_final_measures_a_known_speed_up():
+    """Against an independent truth: modules that sleep 6 ms and 2 ms per forward run (6 + ε) / (2 + ε) ≈ 2.9×
+    apart; the report's figure must find that within 25 % on a loaded machine."""
+    import time
+
+    from svdtrain.recipes.report import dense_vs_final
+
+    class Sleeps(nn.Module):
+        def __init__(self, ms: float):
+            super().__init__()
+            self.ms = ms
+
+        def forward(self, x):
+            time.sleep(self.ms / 1e3)
+            return x
+
+    out = dense_vs_final(Sleeps(6.0), Sleeps(2.0), torch.zeros(1), repeats=15, backend="eager")
+    assert 6.0 <= out["dense_ms"] < 9.0 and 2.0 <= out["final_ms"] < 5.0
+    assert 2.9 / 1.25 <= out["speedup"] <= 2.9 * 1.25, out
+
+
+def test_bench_latency_says_when_the_export_fell_back_to_dense(monkeypatch, tmp_path):
+    """`svdtrain bench latency`: thin layers measured faster alone but the whole thin model slower (faked), so the
+    export hands back the dense model: the point and its table row say so, with no thin layer counted."""
+    from svdtrain.recipes import bench
+
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=2.0)
+    results = tmp_path / "RESULTS.md"
+    out = bench.latency(models=("lenet300",), levels=(0.35,), batches=(1,), backends=("eager",), budget_s=0.05,
+                        threads=1, out=tmp_path / "latency.json", results=results)
+    (point,) = out["points"]
+    assert point["fell_back_to_dense"] and point["thin_layers"] == 0 and point["flops_speedup"] == 1.0
+    assert point["speedup_iqr"][0] <= point["speedup"] <= point["speedup_iqr"][1] and point["repeats"] >= 7
+    assert "| 0/2 (fell back to dense) |" in results.read_text()

@@ -252,11 +252,9 @@ def test_report_times_the_deployment_and_every_backend(tmp_path, capsys):
     for by_batch in table.values():
         assert list(by_batch) == ["1", "4"]
         for g in by_batch.values():
-            assert g["dense_ms"] > 0 and g["final_ms"] > 0
-            assert g["speedup"] == pytest.approx(g["dense_ms"] / g["final_ms"], rel=1e-12)
+            assert g["dense_ms"] > 0 and g["final_ms"] > 0  # the figure itself: test_dense_vs_final_measures_a_known_speed_up
     assert (final["latency_backend"], final["latency_batch"], final["latency_threads"]) == ("onnxruntime", 1, 1)
     assert report["environment"]["threads"] == 2
-    assert final["speedup"] == pytest.approx(final["dense_latency_ms"] / final["latency_ms"], rel=1e-12)
     assert "on onnxruntime, the deployment: batch 1, 1 thread)" in out
     assert "speed-up over dense at batch 1 / 4, 2 threads: eager" in out
     assert "| compiled | 4 |" in (folder / "report.md").read_text()

@@ -82,3 +82,33 @@ def test_bad_input_raises():
         sparsity_loss(perturbed_net(), "l2")
     with pytest.raises(ValueError, match="decompose_"):
         orthogonality_loss(nn.Sequential(nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("decomposition", ["channel", "spatial"])
+def test_a_grouped_layer_is_regularised_per_group_like_an_ungrouped_one(decomposition):
+    """Each group of a grouped conv gets exactly the orthogonality term, and gradient, of an ungrouped conv holding
+    that group's factors: the regularizer reaches grouped layers as it reaches any other."""
+    torch.manual_seed(0)
+    grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False).double()
+    model = nn.Sequential(grouped)
+    decompose_(model, SVDConfig(decomposition=decomposition))
+    layer = model[0]
+    with torch.no_grad():
+        for p in (layer.U, layer.V):
+            p.add_(0.1 * torch.randn_like(p))
+    alone = []
+    for g in range(2):
+        single = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False).double())
+        decompose_(single, SVDConfig(decomposition=decomposition))
+        with torch.no_grad():
+            single[0].U.copy_(layer.U[g])
+            single[0].V.copy_(layer.V[g])
+        alone.append(single)
+    total = orthogonality_loss(model)
+    parts = [orthogonality_loss(single) for single in alone]
+    assert total.item() == pytest.approx(sum(p.item() for p in parts), rel=1e-12) and parts[0].item() > 1e-3
+    total.backward()
+    for g, single in enumerate(alone):
+        parts[g].backward()
+        assert torch.allclose(layer.U.grad[g], single[0].U.grad, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(layer.V.grad[g], single[0].V.grad, rtol=1e-10, atol=1e-14)

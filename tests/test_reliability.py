@@ -27,7 +27,7 @@ from svdtrain.recipes import pipeline
 from svdtrain.recipes.config import ConfigError, RunConfig, read_config_file
 from svdtrain.recipes.data import DataError, _read_cifar_batch, read_idx
 from svdtrain.recipes.pipeline import load_exported
-from svdtrain.recipes.train import CheckpointError, load_weights, orthogonality_drift, write_atomic
+from svdtrain.recipes.train import CheckpointError, layer_drifts, load_weights, orthogonality_drift, write_atomic
 
 ROOT = Path(__file__).parents[1]
 
@@ -193,7 +193,7 @@ import os, signal, sys
 kind, pattern = sys.argv[1], sys.argv[2]
 real = getattr(os, kind)
 def hooked(*args, **kwargs):
-    target = os.readlink(f"/proc/self/fd/{args[0]}") if kind == "fsync" else str(args[1])
+    target = os.readlink(f"/proc/self/fd/{args[0]}") if kind == "fsync" else f"{args[0]} -> {args[1]}"
     if pattern in target:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
@@ -205,13 +205,13 @@ sys.exit(main(sys.argv[3:]))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, pattern, moment, resumed", [
-    ("fsync", "sparsify/.epoch_002.pt", "mid-save: an epoch checkpoint's temporary file written, not renamed",
+    ("fsync", ".sparsify.new/.epoch_002.pt", "mid-save: an epoch checkpoint's temporary file written, not renamed",
      "[sparsify] resuming after epoch 1"),
-    ("replace", "train/result.json", "between stages: train's weights saved, its result.json not yet",
+    ("replace", ".train.new/result.json", "between stages: train's weights saved, its result.json not yet",
      "[train] resuming after epoch 1"),
-    ("replace", "prune/final.pt", "in the prune stage, before its weights are renamed into place",
+    ("replace", ".prune.new/final.pt", "in the prune stage, before its weights are renamed into place",
      "== sparsify: done"),
-    ("replace", "export/model.pt2", "mid-export: model.pt written, model.pt2 not yet", "== finetune: done"),
+    ("replace", ".export.new/model.pt2", "mid-export: model.pt written, model.pt2 not yet", "== finetune: done"),
 ])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, pattern, moment, resumed, finished, tmp_path, capsys,
                                                          observed):
@@ -238,7 +238,7 @@ def test_sigkill_between_gradual_rank_cuts_then_resume(tmp_path, capsys, observe
     assert main(["run", *gradual, f"out_dir={tmp_path / 'whole'}"]) == 0
     (whole,) = (tmp_path / "whole").iterdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", _KILLER, "fsync", "sparsify/.epoch_002.pt", "run", *gradual,
+    done = subprocess.run([sys.executable, "-c", _KILLER, "fsync", ".sparsify.new/.epoch_002.pt", "run", *gradual,
                            f"out_dir={tmp_path / 'killed'}"], env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     (folder,) = (tmp_path / "killed").iterdir()
@@ -256,7 +256,7 @@ def test_sigkill_mid_epoch_then_resume(finished, tmp_path, capsys, observed):
     proc = subprocess.Popen([sys.executable, "-m", "svdtrain.cli", "run", *TINY_RUN, "sparsify_epochs=2",
                              f"out_dir={tmp_path}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list(tmp_path.glob("*/sparsify/epoch_001.pt")) and time.time() < deadline:
+    while not list(tmp_path.glob("*/.sparsify.new/epoch_001.pt")) and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -322,6 +322,8 @@ def test_orthogonality_drift_is_measured_and_logged(finished, observed):
         model[2].U.mul_(1.5)  # columns of norm 1.5: UᵀU = 2.25 I
     drift, layer = orthogonality_drift(model)
     assert drift == pytest.approx(1.25, rel=1e-4) and layer == "2"
+    drifts = layer_drifts(model)  # every layer's, so a warning can name each one above 0.2
+    assert drifts["2"] == pytest.approx(1.25, rel=1e-4) and drifts["0"] < 1e-5
     header, *rows = [line.split(",") for line in (finished / "sparsify" / "log.csv").read_text().splitlines()]
     drifts = [float(row[header.index("orthogonality_drift")]) for row in rows]
     assert all(0 <= d < 0.1 for d in drifts)
@@ -368,6 +370,15 @@ def for_rgb(num_classes):
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
 def three_logits(in_channels):
     return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+class Asserts(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(4, num_classes)
+    def forward(self, x):
+        assert False
+class NotAModule:
+    def __init__(self, num_classes):
+        pass
 """
 
 BAD_INPUTS = [
@@ -400,6 +411,15 @@ BAD_INPUTS = [
     ("a config file of random bytes", ["{random_config}"], "not a readable TOML config"),
     ("a YAML config file", ["{yaml_config}"], "not a readable TOML config"),
     ("a config name that does not exist", ["no_such_recipe"], "no config file"),
+    ("a run name that is a path", ["name=../../elsewhere"], "a plain folder name"),
+    ("a model whose forward fails with an empty message (a bare assert)", ["model={model_file}:Asserts"],
+     "cannot take synthetic images of shape (1, 12, 12): AssertionError"),
+    ("a model reference to a standard-library function that would run a command",
+     ["model=os:system", 'model_args={{command="touch {marker}"}}'], "allowed: an nn.Module class"),
+    ("a model reference to subprocess.run", ["model=subprocess:run", 'model_args={{args=["touch", "{marker}"]}}'],
+     "from Python's standard library"),
+    ("a model reference to a class that is not an nn.Module", ["model={model_file}:NotAModule"],
+     "is a class but not a torch.nn.Module"),
     *([("a latency export on a GPU this machine lacks", ["export_strategy=latency", "export_backend=cuda"],
         "torch.cuda.is_available")] if not torch.cuda.is_available() else []),
 ]
@@ -413,7 +433,8 @@ def test_bad_input_is_one_line_and_leaves_no_folder(what, args, message, tmp_pat
              "yaml_config": lambda: _file(tmp_path / "run.yaml", b"model: resnet20\nlr: 0.1\nlayers:\n  - conv1\n"),
              "model_file": lambda: _file(tmp_path / "net.py", MODEL_FILE),
              "train_only": lambda: _folders(tmp_path / "images", "train/cat"),
-             "no_images": lambda: _folders(tmp_path / "images", "train/cat", "val/cat")}
+             "no_images": lambda: _folders(tmp_path / "images", "train/cat", "val/cat"),
+             "marker": lambda: tmp_path / "code-ran"}
     args = [a.format(**{k: make() for k, make in files.items() if "{" + k + "}" in a}) for a in args]
     config = [a for a in args if "=" not in a]
     code, _, err = cli(["run", *config, *TINY_RUN, *[a for a in args if "=" in a], f"out_dir={tmp_path / 'out'}"],
@@ -421,6 +442,7 @@ def test_bad_input_is_one_line_and_leaves_no_folder(what, args, message, tmp_pat
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    assert not (tmp_path / "code-ran").exists() and not (tmp_path.parent / "elsewhere").exists()
     observed("Bad input: one line, no run folder", what, f"exit 2: `{err.strip()}`")
 
 
@@ -546,3 +568,276 @@ def test_fuzz_summary(observed):
              "the IDX, CIFAR, config and weights readers", "DataError / ConfigError / CheckpointError only")
     observed("Fuzzing", f"{_FUZZ_RUNS['configs']} random TOML configs (every key, values of every type, junk)",
              "a valid RunConfig or ConfigError only")
+
+
+# --- 7. a run folder is data; a failed command changes nothing -------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too), by relative path: what 'byte-identical' compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# A model of the user's own, in a file: building it leaves a mark, so a test sees whether its code ran.
+USER_MODEL = """
+from pathlib import Path
+from torch import nn
+
+MARK = Path(__file__).with_name("code-ran")
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels, width=6):
+        super().__init__()
+        MARK.write_text("Net was built")
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+"""
+
+
+@pytest.fixture(scope="module")
+def user_model_run(tmp_path_factory) -> Path:
+    """A finished tiny run of a model given as a file (its code: USER_MODEL)."""
+    root = tmp_path_factory.mktemp("user-model")
+    (root / "net.py").write_text(USER_MODEL)
+    args = [a for a in TINY_RUN if not a.startswith("model=")]
+    assert main(["run", *args, f"model={root / 'net.py'}:Net", f"out_dir={root / 'runs'}"]) == 0
+    (folder,) = (root / "runs").iterdir()
+    return folder
+
+
+def _fresh_copy(folder: Path, tmp_path: Path) -> Path:
+    """`folder` copied under tmp_path, with a model file beside it when the run names one (its own copy)."""
+    copy = Path(shutil.copytree(folder, tmp_path / "run"))
+    config = json.loads((copy / "config.json").read_text())
+    if config["model"].endswith(".py:Net"):
+        shutil.copy(folder.parents[1] / "net.py", tmp_path / "net.py")
+        config["model"] = f"{tmp_path / 'net.py'}:Net"
+        (copy / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return copy
+
+
+def _break_the_model_file(folder: Path):
+    net = folder.parent / "net.py"
+    net.write_text(net.read_text().replace("width=6", "width=5"))  # weights no longer fit
+
+
+FAILED_STAGE_COMMANDS = [
+    ("prune with a FLOPs budget no ranks reach", "finished", ["prune", "{run}", "prune_flops=0.001"], "impossible"),
+    ("finetune with data_dir naming no folder", "finished",
+     ["finetune", "{run}", "data=imagefolder", "data_dir=/nope"], "no such folder"),
+    ("finetune after the model file changed (weights no longer fit)", "user_model_run",
+     ["finetune", "{run}", "--trust-code"], "saved from a different model"),
+    ("finetune that meets a NaN input at its first step", "finished", ["finetune", "{run}"],
+     "non-finite loss in stage finetune, epoch 1, step 1"),
+    ("export after prune ran again (finetune/ made from the old prune/)", "finished", ["export", "{run}"],
+     "was made from an earlier prune/"),
+]
+
+
+@pytest.mark.parametrize("what, source, args, message", FAILED_STAGE_COMMANDS, ids=[c[0] for c in FAILED_STAGE_COMMANDS])
+def test_a_failed_stage_command_leaves_the_folder_byte_identical(what, source, args, message, request, tmp_path,
+                                                                 capsys, monkeypatch, observed):
+    folder = _fresh_copy(request.getfixturevalue(source), tmp_path)
+    if "model file changed" in what:
+        _break_the_model_file(folder)
+    if "NaN" in what:
+        _poison_training_input(monkeypatch, at_call=1)
+    if "prune ran again" in what:
+        assert cli(["prune", str(folder), "energy=0.3"], capsys)[0] == 0
+    before = snapshot(folder)
+    code, _, err = cli([a.format(run=folder) for a in args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(folder) == before  # the stage's output, config.json (no rejected override) and nothing new
+    if "impossible" in message:
+        assert "min_rank" not in err.split("allowed:")[1]  # min_rank is 1 already: not a way out
+    observed("A failed command changes nothing", f"`svdtrain {' '.join(args[:1] + args[2:])}` on a finished run: {what}",
+             f"exit 2 `{err.strip()[:150]}`; every file of the run folder byte-identical, config.json included")
+
+
+def test_a_good_override_is_saved_and_later_stages_follow_it(finished, tmp_path, capsys, observed):
+    folder = _fresh_copy(finished, tmp_path)
+    code, _, err = cli(["prune", str(folder), "energy=0.3"], capsys)
+    assert code == 0, err
+    assert json.loads((folder / "config.json").read_text())["energy"] == 0.3
+    code, _, err = cli(["report", str(folder)], capsys)
+    assert code == 2 and "finetune/ in" in err and "was made from an earlier prune/" in err
+    code, out, err = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0 and "== prune: done" in out and "[finetune] epoch 1/1" in out and "== report\n" in out, err
+    report = json.loads((folder / "report.json").read_text())
+    assert report["stages"]["prune"]["energy"] == 0.3 and report["final"]["flops"] < outcome(finished)["final"]["flops"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no build folder left behind
+    observed("A failed command changes nothing", "`svdtrain prune RUN energy=0.3` (a good override), then "
+             "`svdtrain report RUN`, then `svdtrain run --resume RUN`", f"the override is saved; report refuses "
+             f"(`{err.strip()[:90]}…`); --resume runs finetune, export and report again from the new prune/")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_swap_puts_the_old_stage_back(finished, tmp_path, capsys, observed):
+    """A stage command killed between moving the old output aside and moving the new one in: the next command
+    puts the old one back, byte-identical; --resume then finishes the interrupted command and what follows it."""
+    folder = _fresh_copy(finished, tmp_path)
+    before = snapshot(folder / "prune")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", _KILLER, "replace", ".prune.new -> ", "prune", str(folder),
+                           "energy=0.3"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (folder / "prune").exists() and (folder / ".prune.old").is_dir()
+    pipeline._finish_swaps(folder)  # what the next command does first
+    assert snapshot(folder / "prune") == before
+    code, out, err = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0 and "== sparsify: done" in out and "== prune\n" in out and "[finetune] epoch 1/1" in out, err
+    assert json.loads((folder / "prune" / "result.json").read_text())["energy"] == 0.3
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    observed("Nothing is lost on a crash", "SIGKILL in `svdtrain prune RUN energy=0.3` between moving the old prune/ "
+             "aside and moving the new one in, then --resume", "the next command puts the old prune/ back "
+             "byte-identical; --resume finishes the interrupted prune (energy 0.3) and runs the stages after it")
+
+
+@pytest.mark.parametrize("same_input", [True, False], ids=["same-input", "input-replaced"])
+def test_an_interrupted_build_resumes_only_from_its_own_input(same_input, finished, tmp_path, capsys, observed):
+    """An interrupted stage command's build (.finetune.new, with an epoch checkpoint) is continued by --resume only
+    while the stage before it is the one it was built from."""
+    folder = _fresh_copy(finished, tmp_path)
+    (folder / "finetune" / "result.json").unlink()
+    (folder / "finetune").rename(folder / ".finetune.new")
+    prune_id = json.loads((folder / "prune" / "result.json").read_text())["id"]
+    (folder / ".finetune.new" / pipeline.BUILT_FROM).write_text(prune_id if same_input else "an-older-prune")
+    code, out, err = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0, err
+    assert ("[finetune] resuming after epoch 1" in out) == same_input
+    assert outcome(folder) == outcome(finished)
+    if not same_input:
+        observed("Nothing is lost on a crash", "--resume with an interrupted finetune build made from an older "
+                 "prune/", "the build is discarded and finetune starts over from the current prune/")
+
+
+def test_opening_a_folder_runs_no_code_it_names(user_model_run, tmp_path, capsys, observed):
+    folder = _fresh_copy(user_model_run, tmp_path)
+    mark = tmp_path / "code-ran"
+    mark.unlink(missing_ok=True)
+    before = snapshot(folder)
+    for args in (["report", str(folder)], ["prune", str(folder)], ["run", "--resume", str(folder)]):
+        code, _, err = cli(args, capsys)
+        assert code == 2 and "--trust-code" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(pipeline.UntrustedCodeError, match="trust_code=True"):
+        load_exported(folder)
+    assert not mark.exists() and snapshot(folder) == before
+    observed("A run folder is data", "a run folder whose config.json names a model file, opened by `svdtrain report`, "
+             "`svdtrain prune`, `svdtrain run --resume` and `load_exported`", f"each refused before any code ran "
+             f"(the file's model was never built): `{err.strip()[:140]}…`")
+    # Said so: the file's model is built, and the run goes on.
+    assert isinstance(load_exported(folder, trust_code=True), nn.Module) and mark.exists()
+    code, _, err = cli(["report", str(folder), "--trust-code"], capsys)
+    assert code == 0, err
+    # A config edited to name a standard-library function: refused even when trusted, before it is called.
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model="os:system", model_args={"command": f"touch {tmp_path / 'system-ran'}"})
+    (folder / "config.json").write_text(json.dumps(config))
+    for trust in ([], ["--trust-code"]):
+        code, _, err = cli(["report", str(folder), *trust], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "allowed: an nn.Module class" in err and not (tmp_path / "system-ran").exists()
+    observed("A run folder is data", "its config.json edited to model=os:system with model_args={command=\"touch …\"}, "
+             "opened with and without --trust-code", f"exit 2 both times, nothing ran: `{err.strip()}`")
+
+
+def test_a_stage_command_resumes_from_any_folder(tmp_path, capsys, monkeypatch, observed):
+    """data_dir (and a model file) are kept absolute in config.json: a stage command run from another folder finds
+    them."""
+    pytest.importorskip("PIL")
+    from svdtrain.recipes.data import write_shapes_folder
+
+    monkeypatch.chdir(tmp_path)
+    write_shapes_folder(tmp_path / "shapes", train_per_class=6, val_per_class=2, size=16)
+    args = [a for a in TINY_RUN if not a.startswith("data=")]
+    code, out, err = cli(["run", *args, "data=imagefolder", "data_dir=shapes", "image_size=12", "workers=0",
+                          "out_dir=runs"], capsys)
+    assert code == 0, err
+    folder = Path(out.strip().splitlines()[-1]).resolve()
+    assert json.loads((folder / "config.json").read_text())["data_dir"] == str(tmp_path / "shapes")
+    monkeypatch.chdir(folder)
+    code, _, err = cli(["report", str(folder)], capsys)
+    assert code == 0, err
+    observed("A run folder is data", "`data_dir=shapes` (relative), then `svdtrain report RUN` from another folder",
+             "config.json keeps the absolute path; the report runs")
+
+
+def test_a_corrupt_config_json_names_the_file(finished, tmp_path, capsys, observed):
+    folder = _fresh_copy(finished, tmp_path)
+    (folder / "config.json").write_text('{"name": "quick", "lr": 0.0')
+    code, _, err = cli(["report", str(folder)], capsys)
+    assert code == 2 and f"{folder / 'config.json'}: not a readable run config" in err
+    assert len(err.strip().splitlines()) == 1
+    observed("Bad input: one line, no run folder", "a run folder whose config.json is cut short", f"exit 2: "
+             f"`{err.strip()}`")
+
+
+def test_the_only_checkpoint_unreadable_starts_the_stage_over(finished, tmp_path, capsys, observed):
+    folder = _fresh_copy(finished, tmp_path)
+    (folder / "sparsify" / "epoch_002.pt").unlink()
+    (folder / "sparsify" / "epoch_001.pt").write_bytes(b"torn")
+    for stage in ("sparsify", "prune", "finetune", "export", "report"):
+        (folder / stage / "result.json").unlink()
+    code, out, err = cli(["run", "--resume", str(folder)], capsys)
+    assert code == 0, err
+    assert "no checkpoint before it: the stage starts from its beginning" in out
+    assert "using the checkpoint before it" not in out and "[sparsify] epoch 1/2" in out
+    assert outcome(folder) == outcome(finished)
+    observed("Nothing is lost on a crash", "the only epoch checkpoint of an unfinished stage torn, then --resume",
+             "says the stage starts from its beginning (no checkpoint before it); same final numbers")
+
+
+def test_user_shaped_half_of_a_four_class_folder_trains_all_four(tmp_path, capsys, observed):
+    """A 4-class image folder listed by class, train_subset = half: all 4 classes are trained, so the model
+    beats the 50 % that 2 classes would allow, and the run says what it trains on."""
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"blue": (40, 40, 200), "green": (40, 200, 40), "grey": (128, 128, 128), "red": (200, 40, 40)}
+    for split, n in (("train", 40), ("val", 10)):
+        for name, colour in colours.items():
+            (tmp_path / "easy" / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.array(colour)[None, None] + rng.normal(0, 40, (16, 16, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(tmp_path / "easy" / split / name / f"{i}.png")
+    args = [a for a in TINY_RUN if not a.split("=")[0] in ("data", "optimizer", "lr", "finetune_lr", "batch_size")]
+    code, out, err = cli(["run", *args, "data=imagefolder", f"data_dir={tmp_path / 'easy'}", "image_size=16",
+                          "train_subset=80", "train_epochs=3", "batch_size=16", "lr=3e-3", "finetune_lr=1e-3",
+                          "workers=0", f"out_dir={tmp_path / 'runs'}"], capsys)
+    assert code == 0, err
+    assert out.startswith("data: imagefolder") and "4 classes: training on 80 of 160 training images" in out
+    report = json.loads((Path(out.strip().splitlines()[-1]) / "report.json").read_text())
+    assert report["data"]["train_images"] == 80 and report["data"]["classes"] == 4
+    assert report["final"]["accuracy"] > 75, report["final"]["accuracy"]  # 2 classes trained: at most 50 %
+    observed("Subsets and splits keep every class", "a 4-class image folder (40 training images per class, listed "
+             "by class), train_subset=80 (half)", f"the run's first line: `{out.splitlines()[0]}`; final accuracy "
+             f"{report['final']['accuracy']:.1f} % on the 4 classes (training on the first half, 2 classes, would "
+             "allow at most 50 %)")
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["failing", "succeeding"])
+def test_warnings_never_surround_a_one_line_error(fails, finished, tmp_path, capsys, monkeypatch, observed):
+    import warnings
+
+    import svdtrain.cli
+
+    def stage(run, name, resume=False):
+        warnings.warn("TypedStorage is deprecated.\nIt will be removed in the future", UserWarning)
+        if fails:
+            raise ValueError("the stage failed")
+        return {}
+
+    monkeypatch.setattr(svdtrain.cli, "run_stage", stage)
+    folder = _fresh_copy(finished, tmp_path)
+    code, out, err = cli(["report", str(folder)], capsys)
+    if fails:
+        assert code == 2 and err == "svdtrain: error: the stage failed\n"
+        observed("Bad input: one line, no run folder", "a warning raised by torch, then an error, in one command",
+                 f"stderr is the error's line alone: `{err.strip()}`")
+    else:
+        assert code == 0 and err == "svdtrain: warning: UserWarning: TypedStorage is deprecated.\n"
+        assert out.strip().splitlines()[-1] == str(folder)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtrain
-from svdtrain.latency import runner, timings, timings_for
+from svdtrain.latency import paired_speedup, runner, timings, timings_for
 
 from .models import build_model, resnet20
 from .report import write_section
@@ -104,11 +104,8 @@ LATENCY_MODELS = {  # name: (builder arguments, input shape without batch, rank 
 def _compare(dense_runner, small: nn.Module, x: torch.Tensor, backend: str, budget_s: float) -> dict:
     """Alternated timing of dense vs small; repeats sized so the point takes about `budget_s` seconds."""
     ms = timings_for({"dense": dense_runner, "small": runner(small, x, backend)}, budget_s)
-    ratios = sorted(d / s for d, s in zip(ms["dense"], ms["small"]))
-    q = statistics.quantiles(ratios, n=4)
     return {"dense_ms": statistics.median(ms["dense"]), "ms": statistics.median(ms["small"]),
-            "speedup": statistics.median(ms["dense"]) / statistics.median(ms["small"]),
-            "speedup_iqr": [q[0], q[2]], "repeats": len(ratios)}
+            **paired_speedup(ms["dense"], ms["small"]), "repeats": len(ms["dense"])}
 
 
 def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35), batches=(1, 32),
@@ -152,12 +149,14 @@ def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35
                 small = svdtrain.export(pruned[level], x, strategy="latency", backend=backend).eval()
                 if (backend, batch) not in dense_runners:  # compiled once per batch, not per level
                     dense_runners[backend, batch] = runner(dense, x, backend)
-                thin = sum(e["form"] == "thin" for e in layout.values())
                 flops = svdtrain.count_flops(small, x1)
+                # the whole-model check handed back the dense model although some layers were faster thin
+                fell_back = flops == dense_flops and any(e["form"] == "thin" for e in layout.values())
+                thin = 0 if fell_back else sum(e["form"] == "thin" for e in layout.values())
                 record = {"model": name, "input": list(shape), "flops_level": level, "batch": batch,
                           "backend": backend, "rank_multiple": multiple or "default", "dense_flops": dense_flops,
                           "flops": flops, "flops_speedup": dense_flops / flops, "thin_layers": thin,
-                          "layers": len(layout), "fell_back_to_dense": thin > 0 and flops == dense_flops,
+                          "layers": len(layout), "fell_back_to_dense": fell_back,
                           **_compare(dense_runners[backend, batch], small, x, backend, budget_s)}
                 record["efficiency"] = record["speedup"] / record["flops_speedup"]
                 record["wall_s"] = time.perf_counter() - t0
@@ -195,7 +194,8 @@ def _latency_markdown(result: dict) -> str:
         "`prune_(flops=level, rank_multiple=m)` (m = 8 for ResNet-20 and LeNet-300-100; for ResNet-50 no "
         "rank_multiple, prune_'s default, which is 16 on all its layers), "
         "exported with `export(strategy=\"latency\", backend=...)` at each batch, then timed against the dense model, "
-        "alternating in one process (median of repeats; speed-up IQR over repeats). *eager* is the nn.Module as "
+        "alternating in one process (ms: median of repeats; speed-up: median of the paired dense / exported ratios, "
+        "with their IQR). *eager* is the nn.Module as "
         "exported; *eager_prepared* applies the usual CPU inference preparation (conv-BN folding with torch.fx and "
         "channels_last) to **both** models; *compiled* is `torch.compile` (inductor, freezing: batch norm folded, "
         "weights prepacked) of both; *onnxruntime* is ONNX Runtime's CPU provider (its own graph optimizations, "
@@ -203,14 +203,15 @@ def _latency_markdown(result: dict) -> str:
         "inductor runs a lone convolution, the whole-model never-slower check compiled).",
         "",
         "| model | FLOPs level | batch | backend | FLOPs speed-up | measured speed-up (IQR) | dense → exported (ms) "
-        "| efficiency | thin layers |",
+        "| efficiency | thin layers (exported) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["points"]:
         lines.append(f"| {r['model']} | {r['flops_level']:.2f} | {r['batch']} | {r['backend']} | "
                      f"{r['flops_speedup']:.2f}× | {r['speedup']:.2f}× ({r['speedup_iqr'][0]:.2f}–"
                      f"{r['speedup_iqr'][1]:.2f}) | {r['dense_ms']:.2f} → {r['ms']:.2f} | {r['efficiency']:.2f} | "
-                     f"{r['thin_layers']}/{r['layers']} |")
+                     f"{r['thin_layers']}/{r['layers']}"
+                     + (" (fell back to dense)" if r.get("fell_back_to_dense") else "") + " |")
     bars = result["bars"]
     slow = bars["slowest_point"]
     lines += ["", "Bars:",

@@ -29,6 +29,7 @@ from .models import MODELS, is_reference
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+QUICK_TRAIN_SUBSET = 30000  # train_subset=-1 on fashion_mnist: half its training images, the quick recipe's size
 
 
 class ConfigError(ValueError):
@@ -54,18 +55,21 @@ def _doc(doc: str):
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = field(default="quick", metadata=_doc("a run's folder is out_dir/name-date-time"))
+    name: str = field(default="quick", metadata=_doc(
+        "a run's folder is out_dir/name-date-time (a plain folder name: no / or \\, not . or ..)"))
     # --- data
     data: str = field(default="fashion_mnist", metadata=_choice(*DATASETS, doc=(
         "the data set (read from packages or data_dir); imagefolder: data_dir/train/<class>/*.jpg and "
         "data_dir/val/<class>/*.jpg, normalised by the training images' statistics; imagenet: the same reader with "
         "ImageNet's")))
     data_dir: str = field(default="", metadata=_doc("the data set's folder; empty: its default folder"))
-    train_subset: int = field(default=30000, metadata=_range(0, doc="first N training images; 0 = all"))
-    test_subset: int = field(default=0, metadata=_range(0, doc="first N test images; 0 = all"))
+    train_subset: int = field(default=-1, metadata=_range(-1, doc=(
+        "N training images, drawn across classes (each class keeps its share; the same draw whatever seed); "
+        "0 = all; -1 = 30,000 for fashion_mnist (the quick recipe's half), all for other data sets")))
+    test_subset: int = field(default=0, metadata=_range(0, doc="N test images, drawn across classes; 0 = all"))
     val_subset: int = field(default=0, metadata=_range(0, doc=(
-        "hold out the last N training images and evaluate on them instead of the test set (for choosing "
-        "settings); 0 = evaluate on the test set")))
+        "hold out N training images, drawn across classes, and evaluate on them instead of the test set (for "
+        "choosing settings); 0 = evaluate on the test set")))
     image_size: int = field(default=0, metadata=_range(0, doc="image folders / synthetic only; 0 = default"))
     workers: int = field(default=2, metadata=_range(0, doc=(
         "image folders: DataLoader worker processes (per torchrun process) decoding the images, once at load when "
@@ -169,6 +173,9 @@ class RunConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(f"config key 'name': got {self.name!r}; allowed: a plain folder name (no / or \\, "
+                              "not . or ..): the run folder is made inside out_dir")
         if self.prune_flops and self.prune_params:
             raise ConfigError("prune_flops and prune_params are both set; allowed: at most one (0 = unused)")
         if self.train_epochs == 0 and not self.dense_checkpoint and self.train_mode == "dense":
@@ -185,6 +192,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def train_images(self) -> int:
+        """train_subset with its default resolved: 0 = all."""
+        if self.train_subset >= 0:
+            return self.train_subset
+        return QUICK_TRAIN_SUBSET if self.data == "fashion_mnist" else 0
 
     def replace(self, **changes) -> "RunConfig":
         check_keys(changes)

@@ -36,8 +36,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, n: int) -> "Split":
-        return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
+    def subset(self, n: int, what: str = "subset") -> "Split":
+        """`n` of the images drawn across classes (see `stratified`); n = 0 or ≥ len: all of them."""
+        return self if n <= 0 or n >= len(self) else self.take(stratified(self.labels, n, what))
+
+    def take(self, index: torch.Tensor) -> "Split":
+        """The images at `index` (for images decoded per batch, their files)."""
+        images = self.images.select(index) if isinstance(self.images, LazyImages) else self.images[index]
+        return Split(images, self.labels[index])
 
     def to(self, device: torch.device) -> "Split":
         """On `device` (images decoded per batch stay on the CPU, in pinned memory when bound for a GPU)."""
@@ -71,18 +77,17 @@ class Dataset:
     def to(self, device: torch.device) -> "Dataset":
         return dataclasses.replace(self, train=self.train.to(device), test=self.test.to(device))
 
-    def held_out(self, n: int) -> "Dataset":
-        """The last `n` training images become the evaluation split in place of the test set, and are removed
-        from training: settings are chosen on them, and the test set is left for the final figure."""
-        if n <= 0:
-            return self
-        if n >= len(self.train):
-            raise DataError(f"val_subset={n} leaves no training images ({self.name} has {len(self.train)}); "
+    def drawn(self, train: int = 0, val: int = 0, test: int = 0) -> "Dataset":
+        """train_subset, val_subset and test_subset applied, each drawn across classes (0 = all; see
+        `draw_indices`): `val` training images held out as the evaluation split in place of the test set
+        (settings are chosen on them; the test set is left for the final figure), `train` of the rest."""
+        if val >= len(self.train) > 0:
+            raise DataError(f"val_subset={val} leaves no training images ({self.name} has {len(self.train)}); "
                             f"allowed: fewer than {len(self.train)}")
-        keep = len(self.train) - n
-        return dataclasses.replace(self, train=Split(self.train.images[:keep], self.train.labels[:keep]),
-                                   test=Split(self.train.images[keep:], self.train.labels[keep:]),
-                                   eval_split="validation")
+        train_index, val_index = draw_indices(self.train.labels, train, val)
+        out = dataclasses.replace(self, test=self.train.take(val_index), eval_split="validation") if val else self
+        return dataclasses.replace(out, train=self.train.take(train_index) if len(train_index) < len(self.train)
+                                   else self.train, test=out.test.subset(test, "test_subset"))
 
     def batches(self, split: Split, batch_size: int, generator: torch.Generator | None = None,
                 augment: bool = False, max_batches: int = 0, rank: int = 0, world: int = 1):
@@ -108,7 +113,68 @@ class Dataset:
             images = (split.images[s] if d is None else _crop_and_flip(split.images[s], self.crop_padding, *d)
                       for s, d in zip(shares, draws))  # CPU indices index GPU-resident data too
         for s, x in zip(shares, images):
-            yield self.normalize(x), split.labels[s]
+            labels = split.labels[s]
+            # Decoded batches come on the CPU (pinned when bound for a GPU): the uint8 batch moves first,
+            # asynchronously, and is normalised where it lands.
+            yield self.normalize(x.to(labels.device, non_blocking=x.is_pinned())), labels
+
+
+SUBSET_SEED = 0  # subsets and held-out splits: the same images whatever the run's seed
+
+
+def class_orders(labels: torch.Tensor) -> list[torch.Tensor]:
+    """Per class (ascending label), the indices of its images in a shuffled order of a fixed seed."""
+    labels = labels.cpu()
+    counts = labels.bincount()
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    members = labels.argsort(stable=True).split(counts[counts > 0].tolist())
+    return [m[torch.randperm(len(m), generator=generator)] for m in members]
+
+
+def quotas(counts: torch.Tensor, n: int, what: str, limit: torch.Tensor | None = None) -> torch.Tensor:
+    """How many of `n` images each class gets: its share of `n` (largest remainders settle the rounding), at least
+    one and at most `limit` (default: all of its `counts`); a DataError when that cannot keep every class."""
+    limit = counts if limit is None else limit
+    if n < len(counts) or (limit < 1).any():
+        raise DataError(f"{what}={n} cannot keep every class: " + (
+            f"{int((limit < 1).sum())} class(es) have a single training image, which cannot be both trained on "
+            "and held out; allowed: val_subset=0" if (limit < 1).any() else
+            f"there are {len(counts)} classes; allowed: 0 (all) or at least {len(counts)}"))
+    exact = counts.double() * n / counts.sum()
+    quota = torch.minimum(exact.floor().long().clamp(min=1), limit)
+    while quota.sum() < n:  # one more for the class furthest below its share that has images to spare
+        quota[torch.where(quota < limit, exact - quota, -math.inf).argmax()] += 1
+    while quota.sum() > n:  # the minimum of one per class overshot: one back from the furthest above its share
+        quota[torch.where(quota > 1, quota - exact, -math.inf).argmax()] -= 1
+    return quota
+
+
+def stratified(labels: torch.Tensor, n: int, what: str = "subset") -> torch.Tensor:
+    """The indices (ascending) of `n` of `labels`: the start of each class's fixed-seed order (`class_orders`),
+    each class its share (`quotas`)."""
+    return draw_indices(labels, n, 0, what)[0]
+
+
+def draw_indices(labels: torch.Tensor, train: int, val: int = 0,
+                 what: str = "train_subset") -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) indices (ascending) of `labels`, each class its share of `train` and `val` (0 = all
+    the rest, and none held out).
+
+    Each class's images are put in one fixed-seed shuffled order (`class_orders`): the held-out images are the
+    end of each class's order, the training images the start of the rest. So a run without a held-out split
+    trains on the start of the same orders: its images and another run's held-out ones never meet while
+    train + val leave room in every class. Every class keeps at least one image on each side."""
+    orders = class_orders(labels)
+    held = torch.zeros(0, dtype=torch.long)
+    if val > 0:
+        counts = torch.tensor([len(o) for o in orders])
+        taken = quotas(counts, val, "val_subset", counts - 1).tolist()
+        held = torch.cat([o[len(o) - q:] for o, q in zip(orders, taken)]).sort().values
+        orders = [o[:len(o) - q] for o, q in zip(orders, taken)]
+    if 0 < train < sum(len(o) for o in orders):
+        taken = quotas(torch.tensor([len(o) for o in orders]), train, what).tolist()
+        orders = [o[:q] for o, q in zip(orders, taken)]
+    return torch.cat(orders).sort().values, held
 
 
 def augment_draws(generator: torch.Generator, batch: int, share: slice, padding: int, flip: bool):
@@ -206,7 +272,8 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> Split:
         images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
         labels = torch.as_tensor(labels, dtype=torch.int64)
     except Exception as e:  # any malformed pickle: one clear line, never a traceback
-        raise DataError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]  # some unpickling errors span lines
+        raise DataError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {first})") from None
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     return Split(images, labels)
@@ -244,6 +311,8 @@ def _decode_image(path: Path, size: int) -> torch.Tensor:
             return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
+    except Image.DecompressionBombError as e:  # a header claiming billions of pixels: refused before decoding
+        raise DataError(f"{path}: refused, too large to decode safely ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -271,6 +340,9 @@ class LazyImages:
         if isinstance(index, slice):
             return dataclasses.replace(self, files=self.files[index])
         return _BatchDecoder(self.files, self.size, threads=4)[index, None]
+
+    def select(self, index: torch.Tensor) -> "LazyImages":
+        return dataclasses.replace(self, files=tuple(self.files[i] for i in index.tolist()))
 
     def decode(self, batches: list[torch.Tensor], draws: list | None = None, padding: int = 0):
         """The images of each index tensor in `batches`, in order, as uint8 (n, 3, size, size); with `draws`
@@ -367,16 +439,30 @@ def load_image_folder(folder: Path, image_size: int, memory_limit_gb: float = 4.
     classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{folder / 'train'} has no class folders")
+    val_classes = sorted(p.name for p in (folder / "val").iterdir() if p.is_dir())
+    for split, extra in (("val", sorted(set(val_classes) - set(classes))),
+                         ("train", sorted(set(classes) - set(val_classes)))):
+        if extra:  # a class only one side has would be dropped from evaluation, or never evaluated
+            other = "train" if split == "val" else "val"
+            raise DataError(f"{folder / split} has class folder(s) {', '.join(extra)} that {folder / other} lacks; "
+                            "allowed: the same class folders in train/ and val/")
     index = {c: i for i, c in enumerate(classes)}
 
     def read(split: str) -> Split:
-        files = [(p, index[c]) for c in classes if (folder / split / c).is_dir()
-                 for p in sorted((folder / split / c).iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
-        if not files:
-            raise DataError(f"{folder / split} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        per_class = {c: [p for p in sorted((folder / split / c).iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
+                     for c in classes}
+        empty = [c for c, paths in per_class.items() if not paths]
+        if empty:
+            raise DataError(f"{folder / split / empty[0]} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})"
+                            + (f", nor do {len(empty) - 1} other class folder(s)" if len(empty) > 1 else "")
+                            + "; allowed: at least one image in every class folder")
+        files = [(p, index[c]) for c, paths in per_class.items() for p in paths]
         images = LazyImages(tuple(p for p, _ in files), image_size, workers)
         if len(files) * 3 * image_size**2 <= memory_limit_gb * 2**30:
             images = _decode_all(images)
+        else:  # decoded per batch: one image of each class now, so a class of unreadable files fails here
+            for paths in per_class.values():
+                _decode_image(paths[0], image_size)
         return Split(images, torch.tensor([label for _, label in files]))
 
     train = read("train")

@@ -229,7 +229,7 @@ def load_callable(name: str):
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 -- the user's code: any failure is one line naming it
-        raise ModelError(f"model {name!r}: cannot load {target} ({_one_line(e)})") from None
+        raise ModelError(f"model {name!r}: cannot load {target} ({one_line(e)})") from None
     fn = module
     for part in attribute.split("."):
         if not hasattr(fn, part):
@@ -237,8 +237,28 @@ def load_callable(name: str):
         fn = getattr(fn, part)
     if not callable(fn):
         raise ModelError(f"model {name!r}: {attribute} is a {type(fn).__name__}, not a callable")
+    _check_builds_a_module(name, fn)
     _LOADED[name] = fn
     return fn
+
+
+def _check_builds_a_module(name: str, fn):
+    """A ModelError, before anything is called, unless `fn` can be what builds a model: an nn.Module class, or a
+    Python function (or method) of the user's own, i.e. not a builtin and not from the standard library
+    (`model=os:system model_args={command=...}` must not run the command)."""
+    if inspect.isclass(fn):
+        if not issubclass(fn, nn.Module):
+            raise ModelError(f"model {name!r}: {fn.__qualname__} is a class but not a torch.nn.Module; allowed: an "
+                             "nn.Module class or a function that returns a model")
+        return
+    function = getattr(fn, "__func__", fn)  # a classmethod or method: the function behind it
+    if not inspect.isfunction(function):
+        raise ModelError(f"model {name!r} is a {type(fn).__name__}, not a Python function; allowed: an nn.Module "
+                         "class or a function of your own file or package that returns a model")
+    package = (function.__module__ or "").partition(".")[0]
+    if package in sys.stdlib_module_names or package == "builtins":
+        raise ModelError(f"model {name!r} is {function.__module__}.{function.__qualname__}, from Python's standard "
+                         "library; allowed: an nn.Module class or a function of your own file or package")
 
 
 def build_user_model(name: str, num_classes: int, in_channels: int, image_size: int,
@@ -259,14 +279,16 @@ def build_user_model(name: str, num_classes: int, in_channels: int, image_size: 
     try:
         model = fn(**args)
     except Exception as e:  # noqa: BLE001 -- the user's code
-        raise ModelError(f"model {name!r} failed with arguments {args}: {_one_line(e)}") from None
+        raise ModelError(f"model {name!r} failed with arguments {args}: {one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name!r} returned {type(model).__name__!r}; allowed: a torch.nn.Module")
     return model
 
 
-def _one_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (which may be empty)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int, bottleneck: bool = False,

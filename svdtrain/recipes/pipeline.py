@@ -4,6 +4,13 @@ train → sparsify → prune → finetune → export → report. Each stage read
 previous one left in the run folder and writes `<stage>/result.json` last, so a
 stage with a result.json is done; `resume` skips done stages and continues an
 interrupted one from its last epoch checkpoint.
+
+A run folder is data, and a failed command changes nothing in it: a stage is built
+in a hidden folder beside its old output (`.<stage>.new`) and swapped in only when it
+has finished; each result.json names the output of the stage before it that it was
+made from (`made_from`), so a stage whose input was rebuilt since is not taken as done;
+and opening a folder whose config names user code runs that code only when the user
+says so (`trust_code`).
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import shutil
 import time
+import uuid
 from functools import cached_property
 from pathlib import Path
 
@@ -27,13 +36,31 @@ from svdtrain.prune import PruneReport
 from svdtrain.config import name_matches
 
 from .baselines import filter_prune_, resize_to_state_
-from .config import RunConfig, check_keys
+from .config import ConfigError, RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
-from .models import ModelError, build_model, resolve_reference
+from .models import ModelError, build_model, is_reference, resolve_reference, one_line
 from .train import StageSettings, evaluate, fit, load_into, load_weights, save_atomic, write_atomic
 
 STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
+BUILT_FROM = ".built_from"  # in a stage's build folder: the id of the input it is built from
+REPORT_FILES = ("report.json", "report.md", "spectra.png", "ranks.png", "curves.png")  # copied to the run folder
+
+
+class UntrustedCodeError(ValueError):
+    """A run folder whose config names user code, opened without trust_code; the message says what to do."""
+
+
+def resolve_paths(values: dict) -> dict:
+    """`values` (config keys) with the paths a run keeps made absolute: data_dir, dense_checkpoint and a model
+    file, so that --resume and the stage commands find them from any folder."""
+    out = dict(values)
+    for key in ("data_dir", "dense_checkpoint"):
+        if out.get(key):
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    if out.get("model"):
+        out["model"] = resolve_reference(out["model"])
+    return out
 
 
 class Run:
@@ -44,6 +71,7 @@ class Run:
 
     def __init__(self, folder: Path, cfg: RunConfig, echo=print):
         self.folder, self.cfg, self._echo = Path(folder), cfg, echo
+        self.building: dict[str, Path] = {}  # stage -> the hidden folder it is being built in (see run_stage)
 
     def echo(self, text: str):
         if self.cluster.main:
@@ -56,7 +84,8 @@ class Run:
     @classmethod
     def create(cls, cfg: RunConfig, echo=print) -> "Run":
         """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
-        cfg = cfg.replace(model=resolve_reference(cfg.model))  # config.json keeps the file's absolute path
+        cfg = cfg.replace(**resolve_paths({"model": cfg.model, "data_dir": cfg.data_dir,
+                                           "dense_checkpoint": cfg.dense_checkpoint}))
         run = cls(Path(), cfg, echo)
         run.preflight()  # bad data, model, checkpoint or budget: an error now, and no folder
 
@@ -82,18 +111,32 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, folder: Path, overrides: dict | None = None, echo=print, save: bool = True) -> "Run":
-        """An existing run folder; `overrides` change its config (and are saved into it unless save=False)."""
+    def open(cls, folder: Path, overrides: dict | None = None, echo=print, trust_code: bool = False) -> "Run":
+        """An existing run folder, with `overrides` to its config (saved into it only by `save_config`, once
+        they are known to be good). A folder whose config names user code (model=file.py:fn or package:fn) is
+        refused unless `trust_code` or the overrides name the model: opening it would run that code."""
         folder = Path(folder)
         path = folder / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{folder} is not a run folder (no config.json); start one with `svdtrain run`")
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+            if not isinstance(values, dict):
+                raise ValueError(f"a JSON {type(values).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable run config ({e})") from None
         check_keys(values)
-        run = cls(folder, RunConfig(**values).replace(**(overrides or {})), echo)
-        if overrides and save:
-            run.save_config()
-        return run
+        overrides = resolve_paths(overrides or {})
+        model = overrides.get("model", values.get("model", ""))
+        if is_reference(model) and not trust_code and "model" not in overrides:
+            raise UntrustedCodeError(
+                f"{path} names user code (model={model!r}), which opening this run would run; if you trust it, "
+                "add --trust-code (in Python: trust_code=True)")
+        try:
+            cfg = RunConfig(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        return cls(folder, cfg.replace(**overrides), echo)
 
     def alone(self) -> "Run":
         """This run as a single process (for the stages rank 0 runs alone: no collective may be called there)."""
@@ -104,6 +147,10 @@ class Run:
     def write(self, name: str, text: str):
         """folder/name, atomically, by rank 0."""
         self.cluster.on_main(lambda: write_atomic(self.folder / name, text))
+
+    def write_in(self, stage: str, name: str, text: str):
+        """A file of `stage`'s output, atomically, by rank 0."""
+        self.cluster.on_main(lambda: write_atomic(self.stage_dir(stage) / name, text))
 
     def preflight(self):
         """What would otherwise fail hours later: the data loads, the model builds and takes its images, the
@@ -117,7 +164,7 @@ class Run:
                 out = model(example)
         except Exception as e:  # noqa: BLE001 -- a user's model may raise anything: one line naming it
             raise ModelError(f"model {cfg.model!r} cannot take {cfg.data} images of shape "
-                             f"{tuple(example.shape[1:])}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                             f"{tuple(example.shape[1:])}: {one_line(e)[:200]}") from None
         wanted = (len(example), self.data.num_classes)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != wanted:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
@@ -143,21 +190,63 @@ class Run:
         return json.dumps(self.cfg.to_dict(), indent=2) + "\n"
 
     def save_config(self):
-        self.write("config.json", self.config_json())
+        """config.json rewritten when the config differs from it (overrides that passed the preflight)."""
+        path = self.folder / "config.json"
+        if json.loads(path.read_text()) != json.loads(self.config_json()):
+            self.write("config.json", self.config_json())
 
     @cached_property
     def data(self) -> Dataset:
-        """In memory, on the GPU when training runs there (a batch is then a slice, nothing is copied); an image
-        folder too large for memory is decoded per batch by `workers` processes."""
+        """The run's splits (train_subset, val_subset, test_subset drawn across classes), in memory, on the GPU
+        when training runs there (a batch is then a slice, nothing is copied); an image folder too large for
+        memory is decoded per batch by `workers` processes."""
         cfg = self.cfg
-        data = load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers).held_out(cfg.val_subset)
+        full = load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers)
+        data = full.drawn(cfg.train_images, cfg.val_subset, cfg.test_subset)
+        evaluated = "validation images held out of training" if cfg.val_subset else "test images"
+        self._data_summary = {
+            "name": cfg.data, "folder": cfg.data_dir or None, "classes": data.num_classes,
+            "train_images": len(data.train), "of_train_images": len(full.train), "eval_split": data.eval_split,
+            "eval_images": len(data.test),
+            "line": f"data: {cfg.data}{f' ({cfg.data_dir})' if cfg.data_dir else ''}, {data.num_classes} classes: "
+                    f"training on {len(data.train):,} of {len(full.train):,} training images"
+                    + (" (each class its share)" if len(data.train) < len(full.train) else "")
+                    + f", evaluating on {len(data.test):,} {evaluated}"}
         return data.to(self.cluster.device)
 
+    @property
+    def data_summary(self) -> dict:
+        """What the run trains and evaluates on: counts of the drawn splits against the whole, and a line."""
+        self.data  # noqa: B018 -- drawing the splits makes the summary
+        return self._data_summary
+
     def stage_dir(self, stage: str) -> Path:
-        return self.folder / stage
+        """Where `stage`'s output is: its folder, or the hidden one it is being built in."""
+        return self.building.get(stage, self.folder / stage)
 
     def done(self, stage: str) -> bool:
         return (self.stage_dir(stage) / "result.json").is_file()
+
+    def current(self, stage: str) -> bool:
+        """`stage` has finished, from the output the stage before it has now (not one rebuilt since)."""
+        if not self.done(stage):
+            return False
+        i = STAGES.index(stage)
+        return i == 0 or (self.done(STAGES[i - 1]) and
+                          self.result(stage).get("made_from") == self.result(STAGES[i - 1]).get("id"))
+
+    def check_inputs(self, stage: str):
+        """An error unless every stage before `stage` has finished and follows from the one before it."""
+        for before in STAGES[:STAGES.index(stage)]:
+            if not self.done(before):
+                raise FileNotFoundError(f"stage {before!r} has not finished in {self.folder}; run `svdtrain "
+                                        f"{before} {self.folder}` first (or `svdtrain run --resume {self.folder}`)")
+            if not self.current(before):
+                previous = STAGES[STAGES.index(before) - 1]
+                raise FileNotFoundError(
+                    f"{before}/ in {self.folder} was made from an earlier {previous}/ ({previous} ran again since); "
+                    f"run `svdtrain {before} {self.folder}` first (or `svdtrain run --resume {self.folder}`, which "
+                    "runs every stage after a changed one again)")
 
     def result(self, stage: str) -> dict:
         path = self.stage_dir(stage) / "result.json"
@@ -167,11 +256,15 @@ class Run:
         return json.loads(path.read_text())
 
     def finish(self, stage: str, result: dict, model: nn.Module | None = None):
-        """The stage's weights (final.pt), then its result.json: a stage with a result.json is done."""
+        """The stage's weights (final.pt), then its result.json: a stage with a result.json is done. The result
+        gets an id of its own and the id of the previous stage's result it was made from."""
         def save():
             if model is not None:
                 save_atomic(model.state_dict(), self.stage_dir(stage) / "final.pt")
-            write_atomic(self.stage_dir(stage) / "result.json", json.dumps(result, indent=2) + "\n")
+            i = STAGES.index(stage)
+            lineage = {"id": uuid.uuid4().hex[:12],
+                       **({"made_from": self.result(STAGES[i - 1]).get("id")} if i else {})}
+            write_atomic(self.stage_dir(stage) / "result.json", json.dumps({**result, **lineage}, indent=2) + "\n")
 
         self.cluster.on_main(save)
 
@@ -218,7 +311,7 @@ class Run:
     def accuracy(self, model: nn.Module) -> float:
         """Test accuracy of `model`, evaluated (as a copy) on the run's device, where the data is."""
         on_device = copy.deepcopy(model).to(self.cluster.device)
-        return evaluate(on_device, self.data, self.data.test.subset(self.cfg.test_subset), self.cfg)[0]
+        return evaluate(on_device, self.data, self.data.test, self.cfg)[0]
 
     def fit(self, model: nn.Module, stage: str, epochs: int, lr: float, lambda_o: float, lambda_s: float,
             cut=None, **settings) -> float:
@@ -265,8 +358,7 @@ class Run:
         cfg = self.cfg
         if not cfg.bn_recalibrate:
             return 0
-        train = self.data.train.subset(cfg.train_subset)
-        batches = self.data.batches(train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
+        batches = self.data.batches(self.data.train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
                                     max_batches=-(-cfg.bn_recalibrate // cfg.batch_size))
         device = next(model.parameters()).device
         return svdtrain.recalibrate_bn(model, (x.to(device) for x, _ in batches))
@@ -321,10 +413,10 @@ def stage_sparsify(run: Run) -> dict:
     if cfg.method == "svd":
         if not svd_layers(model):
             run.decompose(model, init="svd")
-        run.write("sparsify/spectra_before.json", json.dumps(spectra(model)))
+        run.write_in("sparsify", "spectra_before.json", json.dumps(spectra(model)))
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s,
                            cut=run.gradual_cut, rank_cuts=cfg.prune_cuts)
-        run.write("sparsify/spectra_after.json", json.dumps(spectra(model)))
+        run.write_in("sparsify", "spectra_after.json", json.dumps(spectra(model)))
     elif cfg.method == "trp":
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,
                            truncate_every=cfg.trp_period, truncate_energy=cfg.trp_energy)
@@ -356,7 +448,7 @@ def stage_prune(run: Run) -> dict:
     run.echo(str(report))
     if cfg.prune_cuts and not report.cut:
         run.echo("nothing left to cut: the gradual cuts during sparsify reached the budget")
-    write_atomic(run.stage_dir("prune") / "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    run.write_in("prune", "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     result = {"form": "svd", **_recalibrated(run, model), "energy": report.energy,
               "flops": report.flops_after, "dense_flops": report.dense_flops}
     run.finish("prune", result, model)
@@ -441,10 +533,11 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
     return str(path.name)
 
 
-def load_exported(run_folder: Path, run: Run | None = None) -> nn.Module:
+def load_exported(run_folder: Path, run: Run | None = None, trust_code: bool = False) -> nn.Module:
     """The exported plain model of a run, on the CPU, rebuilt from config.json, layout.json and model.pt (no code
-    unpickled); works on a machine without the GPU the run trained on. `run`: that run, already open."""
-    run = run or Run.open(run_folder, {"device": "cpu"}, save=False)
+    unpickled); works on a machine without the GPU the run trained on. `run`: that run, already open. A run of a
+    model given by reference (user code) is refused unless `trust_code`: rebuilding it runs that code."""
+    run = run or Run.open(run_folder, {"device": "cpu"}, trust_code=trust_code)
     layout = json.loads((run.stage_dir("export") / "layout.json").read_text())
     state = load_weights(run.stage_dir("export") / "model.pt")
     model = run.dense_model()
@@ -470,31 +563,85 @@ RANK0_STAGES = ("prune", "export", "report")
 
 
 def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
-    """Run one stage; without `resume` its folder is cleared first (a fresh start of that stage)."""
+    """Run one stage, built in a hidden folder beside its old output and swapped in only when it has finished:
+    a stage that fails leaves the run folder as it was. Without `resume` the build starts afresh; with it, an
+    interrupted build continues from its last epoch checkpoint."""
+    folder, building = run.folder / stage, run.folder / f".{stage}.new"
+    run.cluster.on_main(lambda: _finish_swaps(run.folder))
+    run.check_inputs(stage)
+
     def prepare():
-        if not resume and run.stage_dir(stage).exists():
-            shutil.rmtree(run.stage_dir(stage))
-        run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-        for leftover in [*run.folder.glob(".*.tmp"), *run.stage_dir(stage).glob(".*.tmp")]:
+        i = STAGES.index(stage)
+        source = run.result(STAGES[i - 1]).get("id") or "" if i else ""  # the input this build is made from
+        stamp = building / BUILT_FROM
+        if building.exists() and (not resume or (stamp.is_file() and stamp.read_text() != source)):
+            shutil.rmtree(building)  # a fresh start, or an interrupted build from an input since replaced
+        if resume and not building.exists() and folder.is_dir() and not run.done(stage):
+            folder.rename(building)  # an interrupted stage of a folder from before stages were built aside
+        building.mkdir(exist_ok=True)
+        write_atomic(stamp, source)
+        for leftover in [*run.folder.glob(".*.tmp"), *building.glob(".*.tmp")]:
             leftover.unlink()  # a temporary file a crash left mid-save; the file it was to replace is whole
 
     run.cluster.on_main(prepare)  # and no process reads the folder before it is ready
     if run.cfg.threads:
         torch.set_num_threads(run.cfg.threads)
     run.echo(f"== {stage}")
-    if stage in RANK0_STAGES:
-        return run.cluster.on_main(lambda: STAGE_FUNCTIONS[stage](run.alone()))
-    result = STAGE_FUNCTIONS[stage](run)
-    run.cluster.barrier()  # what the stage wrote is complete before any process reads it
+    run.building[stage] = building
+    try:
+        if stage in RANK0_STAGES:
+            result = run.cluster.on_main(lambda: STAGE_FUNCTIONS[stage](run.alone()))
+        else:
+            result = STAGE_FUNCTIONS[stage](run)
+            run.cluster.barrier()  # what the stage wrote is complete before any process reads it
+    except Exception:
+        # Nothing to continue from (no epoch checkpoint): the attempt goes, and the folder is as it was.
+        run.cluster.on_main(lambda: None if any(building.glob("epoch_*.pt")) else shutil.rmtree(building, True))
+        raise
+    finally:
+        del run.building[stage]
+    run.cluster.on_main(lambda: _swap_in(run.folder, stage))
     return result
 
 
-def run_all(run: Run, resume: bool = False) -> dict:
-    """Every stage in order; with `resume`, finished stages are skipped and an interrupted one continues."""
-    result = {}
+def _swap_in(folder: Path, stage: str):
+    """folder/.stage.new becomes folder/stage; the old output goes. A crash between the two renames is finished by
+    _finish_swaps at the next command."""
+    old = folder / f".{stage}.old"
+    (folder / f".{stage}.new" / BUILT_FROM).unlink()
+    if (folder / stage).exists():
+        os.replace(folder / stage, old)
+    os.replace(folder / f".{stage}.new", folder / stage)
+    shutil.rmtree(old, ignore_errors=True)
+    if stage == "report":  # the report's files, also where a user looks first
+        for name in REPORT_FILES:
+            if (folder / stage / name).is_file():
+                write_atomic(folder / name, (folder / stage / name).read_bytes())
+
+
+def _finish_swaps(folder: Path):
+    """After a crash mid-swap: each old output back in place if the new one had not taken it, else gone (the new
+    one, whole, stays in .stage.new: `--resume` of that stage finishes it)."""
     for stage in STAGES:
-        if resume and run.done(stage):
+        old = folder / f".{stage}.old"
+        if old.exists():
+            if (folder / stage).exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, folder / stage)
+
+
+def run_all(run: Run, resume: bool = False) -> dict:
+    """Every stage in order; with `resume`, finished stages are skipped and an interrupted one continues (an
+    interrupted stage command's too). A finished stage whose input was rebuilt since (a stage command run on its
+    own) runs again, and so do those after it."""
+    result, skipping = {}, resume
+    run.cluster.on_main(lambda: _finish_swaps(run.folder))
+    run.echo(run.data_summary["line"])
+    for stage in STAGES:
+        if skipping and run.current(stage) and not (run.folder / f".{stage}.new").exists():
             run.echo(f"== {stage}: done")
             continue
+        skipping = False
         result = run_stage(run, stage, resume=resume)
     return result

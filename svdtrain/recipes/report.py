@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import svdtrain
-from svdtrain.latency import check_backend, median_ms, runner, threads
+from svdtrain.latency import check_backend, paired_speedup, runner, threads, timings
 
 from .train import write_atomic
 
@@ -25,16 +26,13 @@ def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)))
 
 
-def measure_latency(models: dict[str, nn.Module], example: torch.Tensor, repeats: int,
-                    backend: str = "eager") -> dict[str, float]:
-    """Median forward time in ms per model; the models alternate within each repeat so drift hits all alike."""
-    return median_ms({name: runner(m, example, backend) for name, m in models.items()}, repeats, warmup=3)
-
-
 def dense_vs_final(dense: nn.Module, small: nn.Module, example: torch.Tensor, repeats: int, backend: str) -> dict:
-    """{dense_ms, final_ms, speedup}: the two models timed alternately on `backend` at `example`."""
-    ms = measure_latency({"dense": dense, "final": small}, example, repeats, backend)
-    return {"dense_ms": ms["dense"], "final_ms": ms["final"], "speedup": ms["dense"] / ms["final"]}
+    """{dense_ms, final_ms, speedup, speedup_iqr}: the two models timed alternately on `backend` at `example`,
+    `repeats` times each (medians); the speed-up is the median of the paired ratios (`paired_speedup`)."""
+    ms = timings({"dense": runner(dense, example, backend), "final": runner(small, example, backend)}, repeats,
+                 warmup=3)
+    return {"dense_ms": statistics.median(ms["dense"]), "final_ms": statistics.median(ms["final"]),
+            **paired_speedup(ms["dense"], ms["final"])}
 
 
 def gpu_latency(dense: nn.Module, small: nn.Module, run, repeats: int, batches=(1, 256)) -> dict:
@@ -127,6 +125,7 @@ def write_report(run) -> dict:
             "latency_threads": deployment["threads"],
             "latency": table,  # every one of latency_backends at each of latency_batches, on the run's threads
         },
+        "data": {key: value for key, value in run.data_summary.items() if key != "line"},
         "stages": {stage: run.result(stage) for stage in ("train", "sparsify", "prune", "finetune")},
         "layers": exported["layers"],
         "config": cfg.to_dict(),
@@ -142,8 +141,10 @@ def write_report(run) -> dict:
     if run.cluster.device.type == "cuda":
         final["gpu_latency"] = gpu_latency(dense, small, run, cfg.latency_repeats)
     report["plots"] = _plots(run, report)
-    write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(run.folder / "report.md", _markdown(report))
+    # report/ is built beside the old one and swapped in on success; run_stage then publishes its files at the
+    # top of the run folder (REPORT_FILES)
+    write_atomic(run.stage_dir("report") / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(run.stage_dir("report") / "report.md", _markdown(report))
     run.echo(_headline(report))
     run.finish("report", {"form": "report", "headline": _headline(report)})
     return report
@@ -185,6 +186,11 @@ def _markdown(report: dict) -> str:
         f"{cfg['model']} on {cfg['data']}, {cfg['decomposition']}-wise, sparsity {cfg['sparsity']} "
         f"(λ_s = {cfg['lambda_s']}, λ_o = {cfg['lambda_o']}), epochs train/sparsify/finetune "
         f"{cfg['train_epochs']}/{cfg['sparsify_epochs']}/{cfg['finetune_epochs']}.",
+        "",
+        f"Data: {report['data']['name']}, {report['data']['classes']} classes; trained on "
+        f"{report['data']['train_images']:,} of {report['data']['of_train_images']:,} training images (subsets are "
+        f"drawn across classes, each its share), evaluated on {report['data']['eval_images']:,} "
+        f"{'held-out training' if report['data']['eval_split'] == 'validation' else 'test'} images.",
         "",
         f"| | accuracy | FLOPs | conv FLOPs | params | latency ({f['latency_backend']}, batch {f['latency_batch']}, "
         f"{_threads(f['latency_threads'])}) |",
@@ -238,7 +244,7 @@ def _plots(run, report: dict) -> dict | str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "skipped: pip install 'svdtrain[tool]' for matplotlib"
-    folder = run.folder
+    folder = run.stage_dir("report")
     paths = {}
 
     if (run.stage_dir("sparsify") / "spectra_after.json").is_file():
@@ -291,7 +297,7 @@ def _spectra_plot(run, report: dict, plt) -> str:
     axes.flat[0].legend(fontsize=5)
     fig.suptitle("singular values |s|/max before and after sparsify (dashed: rank kept)", fontsize=8)
     fig.tight_layout()
-    return _save(fig, run.folder / "spectra.png", plt)
+    return _save(fig, run.stage_dir("report") / "spectra.png", plt)
 
 
 def _save(fig, path: Path, plt) -> str:

@@ -226,7 +226,9 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 load_weights(path)
                 return path
             except CheckpointError as e:
-                echo(f"warning: {e}; using the checkpoint before it")
+                older = path != _checkpoints(folder)[0]
+                echo(f"warning: {e}; " + ("using the checkpoint before it" if older else
+                                          "no checkpoint before it: the stage starts from its beginning"))
         return None
 
     history, start, saved = [], 0, None
@@ -255,7 +257,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     svd = bool(svd_layers(model))
     dense_targets = trp_layers(model, svdtrain.SVDConfig(exclude_modules=cfg.exclude_modules)) \
         if stage.nuclear or stage.truncate_every else []
-    train = data.train.subset(cfg.train_subset)
+    train = data.train
     steps = math.ceil(len(train) / cfg.batch_size)
     steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
     cuts = cut_schedule(stage.epochs, steps, stage.rank_cuts)
@@ -324,7 +326,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                                 f"gradient; last good checkpoint: {_last_good(folder)}")
         train_seconds = time.perf_counter() - started
         cluster.sync_buffers(model)  # every process evaluates (and rank 0 saves) the same batch-norm statistics
-        test_acc, test_loss = evaluate(model, data, data.test.subset(cfg.test_subset), cfg, cluster)
+        test_acc, test_loss = evaluate(model, data, data.test, cfg, cluster)
         seconds = time.perf_counter() - started
         means = {"task_loss": task / seen, "orthogonality": ortho / seen, "sparsity": sparse / seen,
                  "nuclear": nuclear / seen, "distillation": distill / seen}
@@ -336,11 +338,13 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                "seconds": seconds, "images_per_second": seen / train_seconds, "skipped_steps": skipped}
         notes = [f"{skipped} step(s) skipped (non-finite)"] if skipped else []
         if svd:
-            drift, layer = orthogonality_drift(model)
-            row["orthogonality_drift"] = drift
+            drifts = layer_drifts(model)
+            row["orthogonality_drift"] = max(drifts.values())
             row.update({f"rank/{name}": r for name, r in ranks_at_energy(model, cfg.energy).items()})
-            if drift > DRIFT_WARNING:
-                notes.append(f"U, V of {layer} are {drift:.2f} from orthonormal: s are no longer its singular values")
+            drifted = [f"{name} {d:.2f}" for name, d in drifts.items() if d > DRIFT_WARNING]
+            if drifted:  # every such layer: a grouped or last layer drifting alone is then told apart
+                notes.append(f"U, V of {', '.join(drifted)} drifted from orthonormal (largest |UᵀU − I| or "
+                             "|VᵀV − I| entry): s are no longer exactly their singular values")
         history.append(row)
         echo(f"[{stage.name}] epoch {epoch + 1}/{stage.epochs}  loss {row['loss']:.4f}  "
              f"train {row['train_accuracy']:.2f} %  {'val' if data.eval_split == 'validation' else 'test'} "
@@ -375,16 +379,21 @@ def _last_good(folder: Path) -> str:
 
 
 @torch.no_grad()
-def orthogonality_drift(model: nn.Module) -> tuple[float, str]:
-    """The largest entry of |UᵀU − I| or |VᵀV − I| over the SVD layers, and its layer: 0 when U and V have
+def layer_drifts(model: nn.Module) -> dict[str, float]:
+    """Per SVD layer, the largest entry of |UᵀU − I| or |VᵀV − I| (over its groups): 0 when U and V have
     orthonormal columns, i.e. when s are the singular values of the layer's weight and pruning them is safe."""
-    worst = (0.0, "")
+    out = {}
     for name, layer in svd_layers(model):
         for factor in (layer.U, layer.V):
             gram = factor.mT @ factor
             eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-            worst = max(worst, ((gram - eye).abs().max().item(), name))
-    return worst
+            out[name] = max(out.get(name, 0.0), (gram - eye).abs().max().item())
+    return out
+
+
+def orthogonality_drift(model: nn.Module) -> tuple[float, str]:
+    """The largest of `layer_drifts`, and its layer."""
+    return max(((d, name) for name, d in layer_drifts(model).items()), default=(0.0, ""))
 
 
 def write_csv(path: Path, rows: list[dict]):
