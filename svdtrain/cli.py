@@ -3,11 +3,11 @@
     svdtrain run [CONFIG] [key=value ...]          all stages in a new run folder (default: the quick recipe)
     svdtrain run --resume RUN_DIR [key=value ...]  continue an interrupted run
     svdtrain STAGE RUN_DIR [key=value ...]         one stage (train sparsify prune finetune export report)
+    svdtrain bench latency|overhead [options]      the benchmarks; results into RESULTS.md
 
 A run folder is data: opening one (--resume, a stage) runs no code it names; a folder whose model is user code
 (model=file.py:fn or package.module:fn) needs --trust-code. A failed command leaves the folder as it was, and
-overrides are saved into its config only once the stage has started cleanly.
-    svdtrain bench latency|overhead [options]      the benchmarks; results into RESULTS.md
+overrides are saved into its config only once they pass the checks a new run's config passes.
 
 Under `torchrun --nproc_per_node N -m svdtrain.cli run ...` the training stages run on N processes.
 
@@ -91,6 +91,7 @@ def _open(folder: str, overrides: list[str], trust_code: bool, stage: str | None
     run's would be (data, model, budget, room to write), and the stages before `stage` finished, before the
     overrides are saved into it."""
     run = Run.open(folder, parse_overrides(overrides), trust_code=trust_code)
+    run.finish_swaps()
     if stage:
         run.check_inputs(stage)
     run.preflight()
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Warnings (torch's among them) are held back: an error stays one line, and after a success each distinct
     # warning is one line on stderr, before the run folder (the last line printed).
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
+    with warnings.catch_warnings(record=True) as caught:  # the filters stay: what Python hides stays hidden
         code, run = _command(args, argv)
     if code == 0:
         for text in dict.fromkeys(f"{w.category.__name__}: {(str(w.message).strip().splitlines() or [''])[0]}"

@@ -148,6 +148,10 @@ class Run:
         """folder/name, atomically, by rank 0."""
         self.cluster.on_main(lambda: write_atomic(self.folder / name, text))
 
+    def finish_swaps(self):
+        """What a crash mid-swap left (`_swap_in`) put right: before a command reads which stages are done."""
+        self.cluster.on_main(lambda: _finish_swaps(self.folder))
+
     def write_in(self, stage: str, name: str, text: str):
         """A file of `stage`'s output, atomically, by rank 0."""
         self.cluster.on_main(lambda: write_atomic(self.stage_dir(stage) / name, text))
@@ -567,7 +571,7 @@ def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
     a stage that fails leaves the run folder as it was. Without `resume` the build starts afresh; with it, an
     interrupted build continues from its last epoch checkpoint."""
     folder, building = run.folder / stage, run.folder / f".{stage}.new"
-    run.cluster.on_main(lambda: _finish_swaps(run.folder))
+    run.finish_swaps()
     run.check_inputs(stage)
 
     def prepare():
@@ -636,7 +640,7 @@ def run_all(run: Run, resume: bool = False) -> dict:
     interrupted stage command's too). A finished stage whose input was rebuilt since (a stage command run on its
     own) runs again, and so do those after it."""
     result, skipping = {}, resume
-    run.cluster.on_main(lambda: _finish_swaps(run.folder))
+    run.finish_swaps()
     run.echo(run.data_summary["line"])
     for stage in STAGES:
         if skipping and run.current(stage) and not (run.folder / f".{stage}.new").exists():
