@@ -660,8 +660,8 @@ def test_a_good_override_is_saved_and_later_stages_follow_it(finished, tmp_path,
     code, _, err = cli(["prune", str(folder), "energy=0.3"], capsys)
     assert code == 0, err
     assert json.loads((folder / "config.json").read_text())["energy"] == 0.3
-    code, _, err = cli(["report", str(folder)], capsys)
-    assert code == 2 and "finetune/ in" in err and "was made from an earlier prune/" in err
+    code, _, refused = cli(["report", str(folder)], capsys)
+    assert code == 2 and "finetune/ in" in refused and "was made from an earlier prune/" in refused
     code, out, err = cli(["run", "--resume", str(folder)], capsys)
     assert code == 0 and "== prune: done" in out and "[finetune] epoch 1/1" in out and "== report\n" in out, err
     report = json.loads((folder / "report.json").read_text())
@@ -669,7 +669,7 @@ def test_a_good_override_is_saved_and_later_stages_follow_it(finished, tmp_path,
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no build folder left behind
     observed("A failed command changes nothing", "`svdtrain prune RUN energy=0.3` (a good override), then "
              "`svdtrain report RUN`, then `svdtrain run --resume RUN`", f"the override is saved; report refuses "
-             f"(`{err.strip()[:90]}…`); --resume runs finetune, export and report again from the new prune/")
+             f"(`{refused.strip()[:110]}…`); --resume runs finetune, export and report again from the new prune/")
 
 
 @pytest.mark.slow
