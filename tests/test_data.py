@@ -290,6 +290,8 @@ def test_subsets_and_splits_are_drawn_across_classes(observed):
     ("test_subset below the number of classes", dict(test=2), "test_subset=2 cannot keep every class"),
     ("val_subset with a class of a single image", dict(val=10), "single training image"),
     ("val_subset = all training images", dict(val=256), "val_subset=256 leaves no training images"),
+    ("val_subset leaving fewer training images than classes", dict(val=254),
+     "val_subset=254 would leave a class with no training image; allowed: at most 252"),
 ])
 def test_a_draw_that_would_drop_a_class_is_refused(what, draw, message, observed):
     data = make_synthetic(num_classes=4, n_train=256, n_test=64)

@@ -417,6 +417,8 @@ BAD_INPUTS = [
      ["model=os:system", 'model_args={{command="touch {marker}"}}'], "allowed: an nn.Module class"),
     ("a model reference to subprocess.run", ["model=subprocess:run", 'model_args={{args=["touch", "{marker}"]}}'],
      "from Python's standard library"),
+    ("a model reference to a function of an installed package (torch.hub.load)", ["model=torch.hub:load"],
+     "or an installed package"),
     ("a model reference to a class that is not an nn.Module", ["model={model_file}:NotAModule"],
      "is a class but not a torch.nn.Module"),
     *([("a latency export on a GPU this machine lacks", ["export_strategy=latency", "export_backend=cuda"],
@@ -632,6 +634,8 @@ FAILED_STAGE_COMMANDS = [
      "non-finite loss in stage finetune, epoch 1, step 1"),
     ("export after prune ran again (finetune/ made from the old prune/)", "finished", ["export", "{run}"],
      "was made from an earlier prune/"),
+    ("finetune (no --resume) while an interrupted finetune's epoch checkpoint waits in .finetune.new", "finished",
+     ["finetune", "{run}"], "holds an interrupted finetune stage with epoch checkpoints"),
 ]
 
 
@@ -645,6 +649,11 @@ def test_a_failed_stage_command_leaves_the_folder_byte_identical(what, source, a
         _poison_training_input(monkeypatch, at_call=1)
     if "prune ran again" in what:
         assert cli(["prune", str(folder), "energy=0.3"], capsys)[0] == 0
+    if "interrupted" in what:
+        (folder / ".finetune.new").mkdir()
+        shutil.copy(folder / "finetune" / "epoch_001.pt", folder / ".finetune.new" / "epoch_001.pt")
+        prune_id = json.loads((folder / "prune" / "result.json").read_text())["id"]
+        (folder / ".finetune.new" / pipeline.BUILT_FROM).write_text(prune_id)
     before = snapshot(folder)
     code, _, err = cli([a.format(run=folder) for a in args], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -763,6 +772,14 @@ def test_a_stage_command_resumes_from_any_folder(tmp_path, capsys, monkeypatch, 
              "config.json keeps the absolute path; the report runs")
 
 
+def test_a_run_named_before_names_were_checked_still_opens(finished, tmp_path, capsys):
+    folder = _fresh_copy(finished, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "name": "sweep/a"}))
+    code, _, err = cli(["report", str(folder)], capsys)
+    assert code == 0, err
+
+
 def test_a_corrupt_config_json_names_the_file(finished, tmp_path, capsys, observed):
     folder = _fresh_copy(finished, tmp_path)
     (folder / "config.json").write_text('{"name": "quick", "lr": 0.0')
@@ -818,25 +835,31 @@ def test_user_shaped_half_of_a_four_class_folder_trains_all_four(tmp_path, capsy
              "allow at most 50 %)")
 
 
+_WARNS = """
+import sys, warnings
+import svdtrain.cli
+def stage(run, name, resume=False):
+    warnings.warn("TypedStorage is deprecated.\\nIt will be removed in the future", UserWarning)
+    if sys.argv[1] == "fail":
+        raise ValueError("the stage failed")
+    return {}
+svdtrain.cli.run_stage = stage
+sys.exit(svdtrain.cli.main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.parametrize("fails", [True, False], ids=["failing", "succeeding"])
-def test_warnings_never_surround_a_one_line_error(fails, finished, tmp_path, capsys, monkeypatch, observed):
-    import warnings
-
-    import svdtrain.cli
-
-    def stage(run, name, resume=False):
-        warnings.warn("TypedStorage is deprecated.\nIt will be removed in the future", UserWarning)
-        if fails:
-            raise ValueError("the stage failed")
-        return {}
-
-    monkeypatch.setattr(svdtrain.cli, "run_stage", stage)
+def test_warnings_never_surround_a_one_line_error(fails, finished, tmp_path, observed):
+    """In a process of its own, as a user runs it: a warning (here one torch gives) and then an error print the
+    error's line alone; after a success the warning is one line before the run folder."""
     folder = _fresh_copy(finished, tmp_path)
-    code, out, err = cli(["report", str(folder)], capsys)
+    done = subprocess.run([sys.executable, "-c", _WARNS, "fail" if fails else "ok", "report", str(folder)],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     if fails:
-        assert code == 2 and err == "svdtrain: error: the stage failed\n"
-        observed("Bad input: one line, no run folder", "a warning raised by torch, then an error, in one command",
-                 f"stderr is the error's line alone: `{err.strip()}`")
+        assert done.returncode == 2 and done.stderr == "svdtrain: error: the stage failed\n", done.stderr
+        observed("Bad input: one line, no run folder", "a warning raised by torch, then an error, in one command "
+                 "(its own process)", f"stderr is the error's line alone: `{done.stderr.strip()}`")
     else:
-        assert code == 0 and err == "svdtrain: warning: UserWarning: TypedStorage is deprecated.\n"
-        assert out.strip().splitlines()[-1] == str(folder)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "svdtrain: warning: UserWarning: TypedStorage is deprecated.\n"
+        assert done.stdout.strip().splitlines()[-1] == str(folder)

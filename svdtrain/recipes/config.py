@@ -173,9 +173,6 @@ class RunConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
-        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
-            raise ConfigError(f"config key 'name': got {self.name!r}; allowed: a plain folder name (no / or \\, "
-                              "not . or ..): the run folder is made inside out_dir")
         if self.prune_flops and self.prune_params:
             raise ConfigError("prune_flops and prune_params are both set; allowed: at most one (0 = unused)")
         if self.train_epochs == 0 and not self.dense_checkpoint and self.train_mode == "dense":

@@ -135,6 +135,9 @@ def quotas(counts: torch.Tensor, n: int, what: str, limit: torch.Tensor | None =
     """How many of `n` images each class gets: its share of `n` (largest remainders settle the rounding), at least
     one and at most `limit` (default: all of its `counts`); a DataError when that cannot keep every class."""
     limit = counts if limit is None else limit
+    if n > limit.sum():  # only a held-out split has limits below the counts: one image of each class stays
+        raise DataError(f"{what}={n} would leave a class with no training image; allowed: at most "
+                        f"{int(limit.sum())} (every class keeps one)")
     if n < len(counts) or (limit < 1).any():
         raise DataError(f"{what}={n} cannot keep every class: " + (
             f"{int((limit < 1).sum())} class(es) have a single training image, which cannot be both trained on "
@@ -162,8 +165,9 @@ def draw_indices(labels: torch.Tensor, train: int, val: int = 0,
 
     Each class's images are put in one fixed-seed shuffled order (`class_orders`): the held-out images are the
     end of each class's order, the training images the start of the rest. So a run without a held-out split
-    trains on the start of the same orders: its images and another run's held-out ones never meet while
-    train + val leave room in every class. Every class keeps at least one image on each side."""
+    trains on the start of the same orders, and its images and another run's held-out ones never meet while,
+    in every class, the two shares fit together (rounding can make one class's shares overflow by an image:
+    benchmarks/pareto.py checks the two index sets). Every class keeps at least one image on each side."""
     orders = class_orders(labels)
     held = torch.zeros(0, dtype=torch.long)
     if val > 0:

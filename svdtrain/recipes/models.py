@@ -242,10 +242,21 @@ def load_callable(name: str):
     return fn
 
 
+def _installed_code() -> list[Path]:
+    """The folders of Python's standard library and of installed packages (site-packages)."""
+    import site
+    import sysconfig
+
+    paths = [sysconfig.get_paths().get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")]
+    paths += [*site.getsitepackages(), site.getusersitepackages()]
+    return [Path(p).resolve() for p in dict.fromkeys(paths) if p]
+
+
 def _check_builds_a_module(name: str, fn):
-    """A ModelError, before anything is called, unless `fn` can be what builds a model: an nn.Module class, or a
-    Python function (or method) of the user's own, i.e. not a builtin and not from the standard library
-    (`model=os:system model_args={command=...}` must not run the command)."""
+    """A ModelError, before anything is called, unless `fn` can be what builds a model: an nn.Module class (from
+    anywhere), or a Python function (or method) of the user's own: defined in a file that is neither Python's
+    standard library nor an installed package (`model=os:system model_args={command=...}` and the like must not
+    run the command)."""
     if inspect.isclass(fn):
         if not issubclass(fn, nn.Module):
             raise ModelError(f"model {name!r}: {fn.__qualname__} is a class but not a torch.nn.Module; allowed: an "
@@ -255,10 +266,11 @@ def _check_builds_a_module(name: str, fn):
     if not inspect.isfunction(function):
         raise ModelError(f"model {name!r} is a {type(fn).__name__}, not a Python function; allowed: an nn.Module "
                          "class or a function of your own file or package that returns a model")
-    package = (function.__module__ or "").partition(".")[0]
-    if package in sys.stdlib_module_names or package == "builtins":
+    source = Path(inspect.getfile(function)).resolve()
+    if any(source.is_relative_to(folder) for folder in _installed_code()):
         raise ModelError(f"model {name!r} is {function.__module__}.{function.__qualname__}, from Python's standard "
-                         "library; allowed: an nn.Module class or a function of your own file or package")
+                         "library or an installed package; allowed: an nn.Module class, or a function of your own "
+                         "file or package (a function in a file of yours may call that one)")
 
 
 def build_user_model(name: str, num_classes: int, in_channels: int, image_size: int,

@@ -84,6 +84,10 @@ class Run:
     @classmethod
     def create(cls, cfg: RunConfig, echo=print) -> "Run":
         """A new folder out_dir/<name>-<time>, made only once the config and data are known to be good."""
+        if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
+            # checked here, where a folder is made, so that older runs with such names still open
+            raise ConfigError(f"config key 'name': got {cfg.name!r}; allowed: a plain folder name (no / or \\, "
+                              "not . or ..): the run folder is made inside out_dir")
         cfg = cfg.replace(**resolve_paths({"model": cfg.model, "data_dir": cfg.data_dir,
                                            "dense_checkpoint": cfg.dense_checkpoint}))
         run = cls(Path(), cfg, echo)
@@ -194,10 +198,14 @@ class Run:
         return json.dumps(self.cfg.to_dict(), indent=2) + "\n"
 
     def save_config(self):
-        """config.json rewritten when the config differs from it (overrides that passed the preflight)."""
-        path = self.folder / "config.json"
-        if json.loads(path.read_text()) != json.loads(self.config_json()):
-            self.write("config.json", self.config_json())
+        """config.json rewritten when the config differs from it (overrides that passed the preflight); rank 0
+        compares and writes, so every process makes the same collective calls."""
+        def save():
+            path = self.folder / "config.json"
+            if json.loads(path.read_text()) != json.loads(self.config_json()):
+                write_atomic(path, self.config_json())
+
+        self.cluster.on_main(save)
 
     @cached_property
     def data(self) -> Dataset:
@@ -578,7 +586,12 @@ def run_stage(run: Run, stage: str, resume: bool = False) -> dict:
         i = STAGES.index(stage)
         source = run.result(STAGES[i - 1]).get("id") or "" if i else ""  # the input this build is made from
         stamp = building / BUILT_FROM
-        if building.exists() and (not resume or (stamp.is_file() and stamp.read_text() != source)):
+        outdated = stamp.is_file() and stamp.read_text() != source
+        if building.exists() and not resume and not outdated and any(building.glob("epoch_*.pt")):
+            raise RunFolderError(f"{building} holds an interrupted {stage} stage with epoch checkpoints; continue "
+                                 f"it with `svdtrain {stage} {run.folder} --resume`, or delete that folder to "
+                                 "start the stage over")
+        if building.exists() and (not resume or outdated):
             shutil.rmtree(building)  # a fresh start, or an interrupted build from an input since replaced
         if resume and not building.exists() and folder.is_dir() and not run.done(stage):
             folder.rename(building)  # an interrupted stage of a folder from before stages were built aside
@@ -612,15 +625,17 @@ def _swap_in(folder: Path, stage: str):
     """folder/.stage.new becomes folder/stage; the old output goes. A crash between the two renames is finished by
     _finish_swaps at the next command."""
     old = folder / f".{stage}.old"
-    (folder / f".{stage}.new" / BUILT_FROM).unlink()
     if (folder / stage).exists():
         os.replace(folder / stage, old)
     os.replace(folder / f".{stage}.new", folder / stage)
+    (folder / stage / BUILT_FROM).unlink()  # after the renames: a build caught between them keeps its stamp
     shutil.rmtree(old, ignore_errors=True)
-    if stage == "report":  # the report's files, also where a user looks first
+    if stage == "report":  # the report's files, also where a user looks first (report/ holds them all)
         for name in REPORT_FILES:
             if (folder / stage / name).is_file():
                 write_atomic(folder / name, (folder / stage / name).read_bytes())
+            else:
+                (folder / name).unlink(missing_ok=True)  # a plot this report did not make
 
 
 def _finish_swaps(folder: Path):
