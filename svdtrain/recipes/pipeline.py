@@ -148,10 +148,6 @@ class Run:
         run.cluster = Cluster(device=self.cluster.device)
         return run
 
-    def write(self, name: str, text: str):
-        """folder/name, atomically, by rank 0."""
-        self.cluster.on_main(lambda: write_atomic(self.folder / name, text))
-
     def finish_swaps(self):
         """What a crash mid-swap left (`_swap_in`) put right: before a command reads which stages are done."""
         self.cluster.on_main(lambda: _finish_swaps(self.folder))
