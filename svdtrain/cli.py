@@ -25,6 +25,7 @@ from pathlib import Path
 from .recipes.config import ConfigError, load_config, parse_overrides
 from .recipes.data import DataError
 from .recipes.distributed import stop
+from .recipes.models import one_line
 from .recipes.pipeline import STAGES, Run, run_all, run_stage
 from .recipes.train import TrainingError
 
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:  # the filters stay: what Python hides stays hidden
         code, run = _command(args, argv)
     if code == 0:
-        for text in dict.fromkeys(f"{w.category.__name__}: {(str(w.message).strip().splitlines() or [''])[0]}"
-                                  for w in caught):
+        for text in dict.fromkeys(one_line(w.message) for w in caught):
             print(f"svdtrain: warning: {text}", file=sys.stderr)
         if run is not None and run.cluster.main:
             print(run.folder)

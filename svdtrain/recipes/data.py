@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .models import one_line
+
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
@@ -276,8 +278,7 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> Split:
         images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
         labels = torch.as_tensor(labels, dtype=torch.int64)
     except Exception as e:  # any malformed pickle: one clear line, never a traceback
-        first = (str(e).strip().splitlines() or [""])[0]  # some unpickling errors span lines
-        raise DataError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {first})") from None
+        raise DataError(f"{path}: not a CIFAR python batch ({one_line(e)})") from None  # some span lines
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     return Split(images, labels)

@@ -131,8 +131,8 @@ class Run:
             raise ConfigError(f"{path}: not a readable run config ({e})") from None
         check_keys(values)
         overrides = resolve_paths(overrides or {})
-        model = overrides.get("model", values.get("model", ""))
-        if is_reference(model) and not trust_code and "model" not in overrides:
+        model = values.get("model", "")
+        if is_reference(model) and not trust_code and "model" not in overrides:  # naming it anew is saying so
             raise UntrustedCodeError(
                 f"{path} names user code (model={model!r}), which opening this run would run; if you trust it, "
                 "add --trust-code (in Python: trust_code=True)")
