@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import svdtrain
+from svdtrain.latency import threads
 from svdtrain.recipes.config import RunConfig
 from svdtrain.recipes.data import draw_indices, load_dataset
 from svdtrain.recipes.pipeline import Run, load_exported, run_stage
@@ -64,6 +65,9 @@ METHODS = {
     "truncated_svd": {"method": "truncated_svd", "decomposition": "channel"},
     "trp": {"method": "trp", "decomposition": "channel", "trp_energy": 0.1, "trp_period": 20, "trp_nuclear": 3e-4},
     "filter_pruning": {"method": "filter_pruning"},
+    # DepGraph's group sparsity learning (Torch-Pruning's GroupNormPruner, its reg) during the compress phase,
+    # then pruning by group norm: the strongest filter pruning Torch-Pruning offers.
+    "group_sl": {"method": "group_sl", "group_sl_reg": 5e-4},
     # The paper's ablations, left out of the default sweep for time (--methods adds them).
     "svd_no_ortho": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1, "lambda_o": 0.0},
     "svd_l1": {**_PAPER, "sparsity": "l1", "lambda_s": 0.3},
@@ -71,8 +75,17 @@ METHODS = {
 }
 # svd_spatial is left out of the default sweep for time: the ablation's "one cut after sparsify" row is
 # the same recipe (spatial-wise, one cut) with svd_gradual's tuned fine-tuning.
-DEFAULT_METHODS = ("svd", "svd_gradual", "truncated_svd", "trp", "filter_pruning")
-BASELINES = ("truncated_svd", "trp", "filter_pruning")
+# The paper's one-cut recipe (svd) is left out of the default sweep for time (--methods adds it): the
+# ablation's "one cut after sparsify" row measures that lever on every sweep.
+DEFAULT_METHODS = ("svd_gradual", "truncated_svd", "trp", "filter_pruning", "group_sl")
+BASELINES = ("truncated_svd", "trp", "filter_pruning", "group_sl")
+FILTER_BASELINES = ("filter_pruning", "group_sl")  # the speed bars hold against the better of the two
+# The speed axis: points are speed targets (target_speedup) measured on the deployment, with the tool's
+# deployment settings (ranks in the multiples the backend runs well, each layer in its faster form).
+SPEED_METHODS = ("svd_gradual", "truncated_svd", "filter_pruning", "group_sl")
+DEPLOYMENT = {"export_strategy": "latency", "export_backend": "onnxruntime", "export_batch": 1, "export_threads": 1,
+              "rank_multiple": 0}
+SERVING_BATCH = 32  # the serving setting: ONNX Runtime at batch 32 on the sweep's threads
 NEW_RECIPE = "svd_gradual"
 # The same help for every method: batch-norm statistics re-estimated on 2,048 training images right
 # after the structural change (rank cut, truncation, channel removal), before fine-tuning.
@@ -81,6 +94,11 @@ HELP = {"bn_recalibrate": 2048}
 # a latency export, which are for speed): the sweep compares accuracy at matched FLOPs, and its budgets go
 # below what rounded ranks reach.
 EXACT = {"rank_multiple": 1, "export_strategy": "flops"}
+# On the speed axis, the rounding each method's structure allows is a setting like any other, tried on the
+# validation split: ranks in multiples of 8 instead of prune_'s default (16 for most layers), channel counts
+# in multiples of 8 (Torch-Pruning's round_to) instead of any count.
+ROUNDING = {"svd_gradual": {"rank_multiple": 8}, "truncated_svd": {"rank_multiple": 8},
+            "filter_pruning": {"round_to": 8}, "group_sl": {"round_to": 8}}
 # The tuning budget, the same for every method: its own settings above, one alternative of its own,
 # and fine-tuning at a lower lr (for a model that is still accurate after its cut, the default 3e-4
 # can undo more than it recovers), tried on the validation split; the one with the highest
@@ -94,6 +112,7 @@ ALTERNATIVES = {
     "truncated_svd": {"finetune_lr": 1e-3},
     "trp": {"trp_energy": 0.2},
     "filter_pruning": {"finetune_lr": 1e-3},
+    "group_sl": {"group_sl_reg": 1e-4},
     "svd_no_ortho": {"lambda_s": 0.03},
     "svd_l1": {"lambda_s": 0.1},
     "svd_hoyer_square": {"lambda_s": 0.003},
@@ -109,7 +128,8 @@ AFTER_COMPRESS = ("bn_recalibrate", "finetune_lr")
 
 
 def candidates(name: str) -> list[dict]:
-    """The settings a method tries on the validation split before distillation is offered."""
+    """The settings a method tries on the validation split before distillation (and, on the speed axis,
+    rounding) is offered."""
     return [METHODS[name], {**METHODS[name], **ALTERNATIVES[name]}, {**METHODS[name], **LOWER_FINETUNE_LR}]
 
 
@@ -123,9 +143,15 @@ def ablations(recipe: dict) -> dict[str, dict]:
             f"{other}-wise instead": {**recipe, "decomposition": other}}
 
 
-def resolved(settings: dict, target: float) -> RunConfig:
-    """The whole config a method's point runs with (the help every method gets included)."""
-    return RunConfig(**{**HELP, **EXACT, **settings}, prune_flops=target)
+BUDGET_KEYS = ("target_speedup", "prune_flops", "prune_params")
+NO_BUDGET = {"target_speedup": 0.0, "prune_cuts": 0}  # the dense runs: trained, never pruned
+
+
+def resolved(settings: dict, target: float, knob: str = "prune_flops") -> RunConfig:
+    """The whole config a method's point runs with (the help every method gets included): at a FLOPs budget with
+    exact ranks exported by FLOPs, or at a speed target with the deployment's settings."""
+    axis = EXACT if knob == "prune_flops" else DEPLOYMENT
+    return RunConfig(**{**HELP, **axis, **settings, **{k: 0.0 for k in BUDGET_KEYS}, knob: target})
 
 
 def _say(text: str):
@@ -140,15 +166,18 @@ def _copy_run(source: Path, target: Path, stages=("train", "sparsify")):
 
 
 def _measure(run: Run, args) -> dict:
-    """FLOPs, parameters and latency (batch 1 and 32, alternated with the dense model) of a run's export."""
+    """FLOPs, parameters and latency of a run's export against the dense model, timed alternately on ONNX Runtime:
+    at the deployment (batch 1, 1 thread; `speedup_b1`) and at the serving setting (batch 32 on the sweep's
+    threads; `speedup_b32`), median of the paired ratios with their IQR."""
     small = load_exported(run.folder)
     dense = run.dense_model().eval()
     out = {}
-    for batch in (1, 32):
-        x = run.example_input(batch)
-        times = dense_vs_final(dense, small, x, args.latency_repeats, "eager")
-        out[f"latency_b{batch}_ms"], out[f"dense_latency_b{batch}_ms"] = times["final_ms"], times["dense_ms"]
-        out[f"speedup_b{batch}"] = times["speedup"]
+    for batch, n_threads in ((1, 1), (SERVING_BATCH, args.threads)):
+        with threads(n_threads):
+            times = dense_vs_final(dense, small, run.example_input(batch), args.latency_repeats, "onnxruntime")
+        key = "b1" if batch == 1 else "b32"
+        out[f"latency_{key}_ms"], out[f"dense_latency_{key}_ms"] = times["final_ms"], times["dense_ms"]
+        out[f"speedup_{key}"], out[f"speedup_{key}_iqr"] = times["speedup"], times["speedup_iqr"]
     x = run.example_input()
     out.update(flops=svdtrain.count_flops(small, x), conv_flops=conv_flops(small, x),
                params=svdtrain.count_params(small))
@@ -162,16 +191,16 @@ class Sweep:
         self.args, self.checkpoint, self.common, self.dense = args, checkpoint, common, dense
         self.bases = {}  # compress phases run so far: what determines them -> (run, accuracy, wall)
 
-    def compress_phase(self, label: str, settings: dict, target: float):
+    def compress_phase(self, label: str, settings: dict, target: float, knob: str):
         """The run after its compress phase, shared by every target and setting that cannot change it: the
         targets, unless the method cuts ranks during it (prune_cuts: its schedule depends on the budget),
         and the settings that act after it (AFTER_COMPRESS)."""
         key = json.dumps({k: v for k, v in settings.items() if k not in AFTER_COMPRESS}, sort_keys=True)
-        key += f" @{target}" if settings.get("prune_cuts") else ""
+        key += f" {knob}={target}" if settings.get("prune_cuts") else ""
         if key not in self.bases:
             _say(f"{label}: compress phase ({self.args.compress_epochs} epochs)")
             t0 = time.perf_counter()
-            base = Run.create(resolved(settings, target).replace(
+            base = Run.create(resolved(settings, target, knob).replace(
                 name=f"{label}-base", dense_checkpoint=self.checkpoint, train_epochs=0,
                 sparsify_epochs=self.args.compress_epochs, finetune_epochs=self.args.finetune_epochs, **self.common))
             run_stage(base, "train")
@@ -179,24 +208,36 @@ class Sweep:
             self.bases[key] = (base, accuracy, time.perf_counter() - t0)
         return self.bases[key]
 
-    def points(self, label: str, settings: dict, targets: list[float], measure: bool = True) -> list[dict]:
-        """One record per FLOPs budget: compress phase (shared where it can be), prune, fine-tune (, export)."""
+    def points(self, label: str, settings: dict, targets: list[float], measure: bool = True,
+               knob: str = "prune_flops") -> list[dict]:
+        """One record per budget (FLOPs fraction, or speed target): compress phase (shared where it can be), prune,
+        fine-tune (, export). A speed target the method cannot reach gets a record with its "unreachable" reason
+        and no accuracy."""
         args, records = self.args, []
         work = Path(self.common["out_dir"])
         for target in targets:
-            after_compress = {k: getattr(resolved(settings, target), k) for k in AFTER_COMPRESS}
-            base, compress_accuracy, shared_wall = self.compress_phase(label, settings, target)
-            _say(f"{label}: prune to {target} of the dense FLOPs, fine-tune")
+            after_compress = {k: getattr(resolved(settings, target, knob), k) for k in AFTER_COMPRESS}
+            _say(f"{label}: {knob}={target}: prune, fine-tune")
             t0 = time.perf_counter()
-            folder = work / f"{label}-flops{target}"
-            _copy_run(base.folder, folder)
-            point = Run.open(folder, {"prune_flops": target, "name": folder.name, **after_compress})
-            point.save_config()
-            pruned = run_stage(point, "prune")
-            record = {"method": label, "knob": "prune_flops", "knob_value": target, "settings": settings,
+            folder = work / f"{label}-{knob}{target}"
+            try:
+                base, compress_accuracy, shared_wall = self.compress_phase(label, settings, target, knob)
+                _copy_run(base.folder, folder)
+                point = Run.open(folder, {knob: target, "name": folder.name, **after_compress})
+                point.save_config()
+                pruned = run_stage(point, "prune")
+            except ValueError as e:  # a budget out of the method's reach (told before training where it can be)
+                if knob == "prune_flops":
+                    raise
+                _say(f"{label} @ {knob}={target}: unreachable: {e}")
+                records.append({"method": label, "knob": knob, "knob_value": target, "settings": settings,
+                                "seed": settings.get("seed", 0), "unreachable": str(e)})
+                continue
+            record = {"method": label, "knob": knob, "knob_value": target, "settings": settings,
                       "accuracy": run_stage(point, "finetune")["accuracy"], "accuracy_after_prune": pruned["accuracy"],
                       "accuracy_after_prune_before_bn_recalibration": pruned.get("accuracy_before_bn_recalibration"),
-                      "accuracy_after_compress": compress_accuracy, "seed": 0,
+                      "accuracy_after_compress": compress_accuracy, "seed": settings.get("seed", 0),
+                      "speedup_at_prune": pruned.get("speedup"),
                       "epochs": args.compress_epochs + args.finetune_epochs, "shared_wall_s": shared_wall,
                       "compress_phase": base.folder.name, "folder": str(folder)}
             if measure:
@@ -206,33 +247,41 @@ class Sweep:
                 record["conv_flops_reduction"] = self.dense["conv_flops"] / record["conv_flops"]
             record["wall_s"] = time.perf_counter() - t0
             records.append(record)
-            _say(f"{label} @ {target}: {record['accuracy']:.2f} % (after the cut {record['accuracy_after_prune']:.2f} %)"
-                 + (f", {record['conv_flops_reduction']:.2f}× fewer conv FLOPs, latency b1 "
-                    f"{record['latency_b1_ms']:.2f} ms (dense {record['dense_latency_b1_ms']:.2f})" if measure else ""))
+            _say(f"{label} @ {knob}={target}: {record['accuracy']:.2f} % (after the cut "
+                 f"{record['accuracy_after_prune']:.2f} %)"
+                 + (f", {record['conv_flops_reduction']:.2f}× fewer conv FLOPs, deployment {record['speedup_b1']:.2f}× "
+                    f"({record['latency_b1_ms']:.3f} ms, dense {record['dense_latency_b1_ms']:.3f}), serving "
+                    f"{record['speedup_b32']:.2f}×" if measure else ""))
         return records
 
 
-def tune(args, checkpoint: str, common: dict) -> dict:
-    """Each method's candidates, then the best of them with distillation, at one budget, scored on the
-    validation split."""
+def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "prune_flops",
+         target: float | None = None) -> dict:
+    """Each method's candidates, then the best of them with each offer in turn (on the speed axis its rounding,
+    then distillation; on the FLOPs axis distillation), at one budget, scored on the validation split."""
+    target = args.tune_target if target is None else target
     sweep = Sweep(args, checkpoint, {**common, "val_subset": args.val_subset, "train_subset": args.tune_subset,
-                                     "out_dir": str(Path(common["out_dir"]) / "tuning")})
+                                     "out_dir": str(Path(common["out_dir"]) / f"tuning-{knob}")})
     out = {}
-    for name in args.methods:
+    for name in methods:
         tried = []
 
-        def best() -> int:
-            return max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"], -i))  # a tie keeps the first
+        def best() -> int:  # a tie keeps the first; a setting that cannot reach the budget is never picked
+            return max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"] is not None,
+                                                         tried[i]["validation_accuracy"] or 0.0, -i))
 
-        for settings in [*candidates(name), None]:
-            settings = settings or {**tried[best()]["settings"], **DISTILL}
-            (record,) = sweep.points(f"tune-{name}-{len(tried)}", settings, [args.tune_target], measure=False)
-            tried.append({"settings": settings, "validation_accuracy": record["accuracy"],
-                          "validation_accuracy_after_prune": record["accuracy_after_prune"],
-                          "wall_s": record["wall_s"] + record["shared_wall_s"]})
+        offers = [ROUNDING[name], DISTILL] if knob == "target_speedup" else [DISTILL]
+        for settings in [*candidates(name), *offers]:
+            if len(tried) >= 3:  # an offer: tried on the best so far
+                settings = {**tried[best()]["settings"], **settings}
+            (record,) = sweep.points(f"tune-{name}-{len(tried)}", settings, [target], measure=False, knob=knob)
+            tried.append({"settings": settings, "validation_accuracy": record.get("accuracy"),
+                          "validation_accuracy_after_prune": record.get("accuracy_after_prune"),
+                          "wall_s": record.get("wall_s", 0.0) + record.get("shared_wall_s", 0.0),
+                          **({"unreachable": record["unreachable"]} if "unreachable" in record else {})})
         picked = best()
         out[name] = {"tried": tried, "picked": tried[picked]["settings"]}
-        _say(f"tuning {name}: " + ", ".join(f"{t['validation_accuracy']:.2f} %" for t in tried)
+        _say(f"tuning {name}: " + ", ".join(_fmt(t["validation_accuracy"], " %") for t in tried)
              + f" -> {tried[picked]['settings']}")
     return out
 
@@ -258,7 +307,8 @@ def sweep(args) -> dict:
     for seed in range(args.seeds):
         _say(f"dense model, seed {seed}")
         t0 = time.perf_counter()
-        run = Run.create(RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs, **common))
+        run = Run.create(RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs,
+                                   **NO_BUDGET, **common))
         result = run_stage(run, "train")
         dense_runs.append({"seed": seed, "accuracy": result["accuracy"], "epochs": args.dense_epochs,
                            "wall_s": time.perf_counter() - t0, "folder": str(run.folder)})
@@ -271,21 +321,24 @@ def sweep(args) -> dict:
              "conv_flops": conv_flops(dense_model, x), "params": svdtrain.count_params(dense_model)}
 
     budget = args.compress_epochs + args.finetune_epochs
-    _say(f"dense model trained {budget} more epochs (the same budget as every method)")
-    t0 = time.perf_counter()
-    run = Run.create(RunConfig(name="dense_longer", dense_checkpoint=shared, train_epochs=budget, **common))
-    dense["longer"] = {"accuracy": run_stage(run, "train")["accuracy"], "epochs": args.dense_epochs + budget,
-                       "wall_s": time.perf_counter() - t0}
-
-    t0 = time.perf_counter()
-    tuning = tune(args, shared, common) if args.tune_subset >= 0 else {}
-    tuning_wall = time.perf_counter() - t0
-    picked = {name: tuning[name]["picked"] if name in tuning else METHODS[name] for name in args.methods}
+    if "flops" in args.axes:  # the plot's reference line
+        _say(f"dense model trained {budget} more epochs (the same budget as every method)")
+        t0 = time.perf_counter()
+        run = Run.create(RunConfig(name="dense_longer", dense_checkpoint=shared, train_epochs=budget,
+                                   **NO_BUDGET, **common))
+        dense["longer"] = {"accuracy": run_stage(run, "train")["accuracy"], "epochs": args.dense_epochs + budget,
+                           "wall_s": time.perf_counter() - t0}
 
     test = Sweep(args, shared, common, dense)
+    t0 = time.perf_counter()
+    tuning = tune(args, shared, common, args.methods) if args.tune_subset >= 0 and "flops" in args.axes else {}
+    tuning_wall = time.perf_counter() - t0
+    picked = {name: tuning[name]["picked"] if name in tuning else METHODS[name] for name in args.methods}
     records = []
-    for name in args.methods:
-        records += test.points(name, picked[name], args.targets)
+    if "flops" in args.axes:
+        for name in args.methods:
+            records += test.points(name, picked[name], args.targets)
+    speed = speed_axis(args, shared, common, test) if "speed" in args.axes else None
     ablation_records = []
     if NEW_RECIPE in args.methods and args.ablation_target:
         (full,) = [p for p in records if p["method"] == NEW_RECIPE and p["knob_value"] == args.ablation_target] or [None]
@@ -299,6 +352,7 @@ def sweep(args) -> dict:
 
     return {
         "benchmark": "pareto",
+        "axes": args.axes,
         "command": args.command,
         "data": args.data, "model": "resnet20", "train_subset": args.train_subset, "test_subset": args.test_subset,
         "dense_epochs": args.dense_epochs, "compress_epochs": args.compress_epochs,
@@ -310,6 +364,7 @@ def sweep(args) -> dict:
                    "methods": tuning, "wall_s": tuning_wall},
         "dense": dense, "points": records,
         "ablation": {"target": args.ablation_target, "points": ablation_records},
+        **({"speed": speed} if speed else {}),
         "wall_s": time.perf_counter() - started,
         "environment": {"device": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads",
                         "torch": torch.__version__, "svdtrain": svdtrain.__version__,
@@ -317,14 +372,102 @@ def sweep(args) -> dict:
     }
 
 
-def interpolate(points: list[dict], reduction: float, key: str = "accuracy") -> float | None:
-    """`key` at `reduction` (× fewer conv FLOPs) along a method's curve, linear in log(reduction)."""
-    curve = sorted((p["conv_flops_reduction"], p[key]) for p in points)
+def speed_axis(args, checkpoint: str, common: dict, test: "Sweep") -> dict:
+    """Every speed method tuned on the validation split at one speed target, then run at each of
+    --speed-targets, and once more with compression seed 1 (same dense checkpoint) at --seed-target."""
+    t0 = time.perf_counter()
+    methods = args.speed_methods
+    tuning = tune(args, checkpoint, common, methods, "target_speedup", args.tune_speedup) \
+        if args.tune_subset >= 0 else {}
+    tuning_wall = time.perf_counter() - t0
+    picked = {name: tuning[name]["picked"] if name in tuning else METHODS[name] for name in methods}
+    records = []
+    for name in methods:
+        records += test.points(name, picked[name], args.speed_targets, knob="target_speedup")
+    for name in [m for m in args.seed_methods if m in methods]:
+        for record in test.points(f"{name}-seed1", {**picked[name], "seed": 1}, [args.seed_target],
+                                  knob="target_speedup"):
+            records.append({**record, "method": name})
+    # The lever: ranks allocated by latency measured at the deployment, against the same recipe cut toward the FLOPs
+    # its point reached (same rank multiples, same latency export), at the seed target.
+    ablation = []
+    (recipe,) = [p for p in records if p["method"] == NEW_RECIPE and p["seed"] == 0
+                 and p["knob_value"] == args.seed_target and "unreachable" not in p] or [None]
+    if recipe is not None:
+        fraction = math.ceil(recipe["flops"] / test.dense["flops"] * 1000) / 1000
+        (by_flops,) = test.points(f"{NEW_RECIPE}-by-flops", {**picked[NEW_RECIPE], **DEPLOYMENT}, [fraction])
+        ablation = [{**recipe, "ablation": "ranks cut toward the speed target (the recipe)"},
+                    {**by_flops, "ablation": f"ranks cut toward the FLOPs it reached ({fraction})"}]
+    return {"methods": methods, "targets": args.speed_targets, "seed_target": args.seed_target,
+            "deployment": DEPLOYMENT, "serving": {"backend": "onnxruntime", "batch": SERVING_BATCH,
+                                                  "threads": args.threads},
+            "tuning": {"target_speedup": args.tune_speedup, "val_subset": args.val_subset,
+                       "train_subset": args.tune_subset, "methods": tuning, "wall_s": tuning_wall},
+            "points": records, "ablation": ablation, "wall_s": time.perf_counter() - t0}
+
+
+def interpolate(points: list[dict], at: float, key: str = "accuracy", axis: str = "conv_flops_reduction") -> float | None:
+    """`key` at `at` along a method's curve of `key` against `axis` (× fewer conv FLOPs, or a measured speed-up),
+    linear in log(axis); None outside the curve."""
+    curve = sorted((p[axis], p[key]) for p in points)
     for (r0, a0), (r1, a1) in zip(curve, curve[1:]):
-        if r0 <= reduction <= r1:
-            w = 0 if r1 == r0 else (math.log(reduction) - math.log(r0)) / (math.log(r1) - math.log(r0))
+        if r0 <= at <= r1:
+            w = 0 if r1 == r0 else (math.log(at) - math.log(r0)) / (math.log(r1) - math.log(r0))
             return a0 + w * (a1 - a0)
     return None
+
+
+SPEEDS = (1.5, 2.0, 2.5, 3.0)  # matched measured speed-ups of the speed table
+
+
+def speed_bars(result: dict) -> dict:
+    """Accuracy at matched measured speed-up on the deployment (1.5×…3×) and on the serving setting (2×) per
+    method (seed 0's curve), the two seeds' points at the seed target, and the new recipe's bars against the
+    better of the two filter prunings."""
+    speed = result.get("speed")
+    if not speed:
+        return {}
+    dense = speed.get("dense", result["dense"])["accuracy_mean"]
+    reached = [p for p in speed["points"] if "unreachable" not in p]
+    curves = {}
+    for p in reached:
+        if p["seed"] == 0:
+            curves.setdefault(p["method"], []).append(p)
+    matched = {f"{r:g}x": {m: interpolate(pts, r, axis="speedup_b1") for m, pts in curves.items()} for r in SPEEDS}
+    serving = {"2x": {m: interpolate(pts, 2.0, axis="speedup_b32") for m, pts in curves.items()}}
+    seeds = {}
+    for p in reached:
+        if p["knob_value"] == speed["seed_target"]:
+            entry = seeds.setdefault(p["method"], {"accuracy": [], "speedup_b1": [], "speedup_b32": []})
+            for key in entry:
+                entry[key].append(p[key])
+    for entry in seeds.values():
+        entry["mean"] = statistics.mean(entry["accuracy"])
+
+    def best_filter(values: dict) -> tuple[str | None, float | None]:
+        known = {m: v for m, v in values.items() if m in FILTER_BASELINES and v is not None}
+        return max(known.items(), key=lambda kv: kv[1]) if known else (None, None)
+
+    new = {}
+    if NEW_RECIPE in curves:
+        key = f"{speed['seed_target']:g}x"
+        two_seeds = {m: e["mean"] for m, e in seeds.items() if len(e["accuracy"]) >= 2}
+        rival, rival_mean = best_filter(two_seeds)
+        ours = two_seeds.get(NEW_RECIPE)
+        new[key] = {"mean": ours, "filter_pruning": rival, "filter_pruning_mean": rival_mean,
+                    "margin": None if ours is None or rival_mean is None else ours - rival_mean,
+                    "at_least_filter_plus_0.3": None if ours is None or rival_mean is None else ours >= rival_mean + 0.3,
+                    "within_1_point_of_dense": None if ours is None else ours >= dense - 1.0}
+        for other in ("1.5x", "2.5x"):
+            rival, value = best_filter(matched[other])
+            ours = matched[other].get(NEW_RECIPE)
+            new[other] = {"accuracy": ours, "filter_pruning": rival, "filter_pruning_accuracy": value,
+                          "at_least_filter": None if ours is None or value is None else ours >= value}
+        rival, value = best_filter(serving["2x"])
+        ours = serving["2x"].get(NEW_RECIPE)
+        new["serving_2x"] = {"accuracy": ours, "filter_pruning": rival, "filter_pruning_accuracy": value,
+                             "at_least_filter": None if ours is None or value is None else ours >= value}
+    return {"matched_speed": matched, "matched_serving": serving, "seeds": seeds, "new_recipe_speed": new}
 
 
 def bars(result: dict) -> dict:
@@ -352,7 +495,29 @@ def bars(result: dict) -> dict:
                "before_finetune_3x": before3, "before_finetune_3x_at_least_80": None if before3 is None else before3 >= 80}
     return {"matched": matched, "matched_after_prune": after_prune, "new_recipe": new,
             "variant_at_least_baseline": {v: {b: at_least(v, b) for b in BASELINES if b in by_method}
-                                          for v in variants}}
+                                          for v in variants}, **speed_bars(result)}
+
+
+def _panel(ax, dense: dict, points: list[dict], axis: str, xlabel: str, title: str):
+    ax.axhspan(dense["accuracy_mean"] - dense["accuracy_std"], dense["accuracy_mean"] + dense["accuracy_std"],
+               color="0.85")
+    ax.axhline(dense["accuracy_mean"], color="0.4", lw=1, label=f"dense ({len(dense['seeds'])} seeds, ±1 sd)")
+    if "longer" in dense:
+        ax.axhline(dense["longer"]["accuracy"], color="0.4", lw=1, ls=":", label="dense, same extra epochs")
+    styles = {NEW_RECIPE: ("C0", "o-", 2.2)}
+    order = list(dict.fromkeys((*METHODS, *(p["method"] for p in points))))
+    for method in dict.fromkeys(p["method"] for p in points):
+        pts = sorted((p[axis], p["accuracy"]) for p in points if p["method"] == method)
+        color, style, width = styles.get(method, (f"C{order.index(method) % 9 + 1}",
+                                                  "s--" if method in BASELINES else ".-", 1.2))
+        ax.plot(*zip(*pts), style, color=color, lw=width, ms=4, label=method)
+    ax.set_xscale("log")
+    ax.set_xticks([1.5, 2, 3, 4, 6])
+    ax.set_xticklabels(["1.5×", "2×", "3×", "4×", "6×"])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
 
 
 def plot(result: dict, path: Path):
@@ -361,25 +526,21 @@ def plot(result: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    d = result["dense"]
-    ax.axhspan(d["accuracy_mean"] - d["accuracy_std"], d["accuracy_mean"] + d["accuracy_std"], color="0.85")
-    ax.axhline(d["accuracy_mean"], color="0.4", lw=1, label=f"dense ({len(d['seeds'])} seeds, ±1 sd)")
-    ax.axhline(d["longer"]["accuracy"], color="0.4", lw=1, ls=":", label="dense, same extra epochs")
-    styles = {NEW_RECIPE: ("C0", "o-", 2.2)}
-    for i, method in enumerate(dict.fromkeys(p["method"] for p in result["points"])):
-        pts = sorted((p["conv_flops_reduction"], p["accuracy"]) for p in result["points"] if p["method"] == method)
-        color, style, width = styles.get(method, (f"C{i + 1}", "s--" if method in BASELINES else ".-", 1.2))
-        ax.plot(*zip(*pts), style, color=color, lw=width, ms=4, label=method)
-    ax.set_xscale("log")
-    ax.set_xticks([1.5, 2, 3, 4, 6])
-    ax.set_xticklabels(["1.5×", "2×", "3×", "4×", "6×"])
-    ax.set_xlabel("conv FLOPs reduction (× fewer than dense)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"ResNet-20 on {result['data']}: accuracy vs FLOPs, same budget for every method", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    speed = result.get("speed")
+    panels = [p for p in (result["points"] and "flops", speed and "speed") if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "flops":
+            _panel(ax, result["dense"], result["points"], "conv_flops_reduction",
+                   "conv FLOPs reduction (× fewer than dense)",
+                   f"ResNet-20 on {result['data']}: accuracy vs FLOPs, same budget for every method")
+        else:
+            reached = [p for p in speed["points"] if "unreachable" not in p and p["seed"] == 0]
+            _panel(ax, speed.get("dense", result["dense"]), reached, "speedup_b1",
+                   "measured speed-up over dense (ONNX Runtime, batch 1, 1 thread)",
+                   "accuracy vs measured speed at the deployment")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -391,12 +552,34 @@ def _settings_text(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "method") or "its defaults"
 
 
+def _tuning_rows(methods: dict) -> list[str]:
+    lines = ["| method | setting tried | validation accuracy (%) | after the cut (%) | picked |", "|---|---|---:|---:|:---:|"]
+    for name, m in methods.items():
+        for tried in m["tried"]:
+            accuracy = tried["validation_accuracy"]
+            lines.append(f"| {name} | {_settings_text(tried['settings'])} | "
+                         + ("unreachable" if accuracy is None else f"{accuracy:.2f}") + " | "
+                         f"{_fmt(tried['validation_accuracy_after_prune'])} | "
+                         f"{'yes' if tried['settings'] == m['picked'] else ''} |")
+    return lines
+
+
 def markdown(result: dict, png: str) -> str:
+    lines = ["## Accuracy vs FLOPs and vs measured speed: SVD training and the baselines (`benchmarks/pareto.py`)",
+             "", f"![pareto]({png})", ""]
+    if result["points"]:
+        lines += _flops_markdown(result)
+    if result.get("speed"):
+        lines += _speed_markdown(result)
+    return "\n".join(lines)
+
+
+def _flops_markdown(result: dict) -> list[str]:
     d, b, t = result["dense"], result["bars"], result["tuning"]
     seeds = ", ".join(f"{r['accuracy']:.2f}" for r in d["seeds"])
     help_text = ", ".join(f"{k}={v}" for k, v in result["help"].items())
     lines = [
-        "## Accuracy vs FLOPs: SVD training and the baselines (`benchmarks/pareto.py`)",
+        "### At matched FLOPs",
         "",
         f"Command: `{result['command']}` — {result['environment']['device']}, torch "
         f"{result['environment']['torch']}, {result['wall_s'] / 60:.0f} min wall.",
@@ -430,29 +613,25 @@ def markdown(result: dict, png: str) -> str:
             "compress phase and fine-tuning); the highest validation accuracy is kept "
             f"({t['wall_s'] / 60:.0f} min):",
             "",
-            "| method | setting tried | validation accuracy (%) | after the cut (%) | picked |",
-            "|---|---|---:|---:|:---:|",
+            *_tuning_rows(t["methods"]),
+            "",
         ]
-        for name, m in t["methods"].items():
-            for tried in m["tried"]:
-                lines.append(f"| {name} | {_settings_text(tried['settings'])} | {tried['validation_accuracy']:.2f} | "
-                             f"{tried['validation_accuracy_after_prune']:.2f} | "
-                             f"{'yes' if tried['settings'] == m['picked'] else ''} |")
-        lines.append("")
+    on_ort = "speedup_b1_iqr" in result["points"][0]  # sweeps before the speed axis timed on PyTorch eager
     lines += [
-        f"![pareto]({png})",
+        "Each point's export is timed against the dense model, alternately in one process: "
+        + ("on ONNX Runtime at the deployment (batch 1, 1 thread) and at the serving setting (batch 32, the "
+           "sweep's threads)." if on_ort else "on PyTorch eager at batch 1 and 32 on the sweep's threads."),
         "",
         "| method | FLOPs budget | accuracy (%) | Δ vs dense mean | after the cut, before fine-tuning (%) | "
-        "conv FLOPs reduction | total FLOPs reduction | params | latency b1 (ms, dense) | latency b32 (ms, dense) | "
-        "wall (s) |",
+        "conv FLOPs reduction | total FLOPs reduction | params | "
+        + ("deployment | serving" if on_ort else "eager b1 | eager b32") + " | wall (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
         lines.append(
             f"| {p['method']} | {p['knob_value']} | {p['accuracy']:.2f} | {p['accuracy'] - d['accuracy_mean']:+.2f} | "
             f"{p['accuracy_after_prune']:.2f} | {p['conv_flops_reduction']:.2f}× | {p['flops_reduction']:.2f}× | "
-            f"{p['params']:,} | {p['latency_b1_ms']:.2f} ({p['dense_latency_b1_ms']:.2f}) | "
-            f"{p['latency_b32_ms']:.1f} ({p['dense_latency_b32_ms']:.1f}) | {p['wall_s'] + p['shared_wall_s']:.0f} |")
+            f"{p['params']:,} | {_latency(p, 'b1')} | {_latency(p, 'b32')} | {p['wall_s'] + p['shared_wall_s']:.0f} |")
     methods = list(dict.fromkeys(p["method"] for p in result["points"]))
     lines += ["", "(wall: the point's own stages plus its compress phase, which the one-cut methods share between "
               "their budgets.)", "",
@@ -499,7 +678,102 @@ def markdown(result: dict, png: str) -> str:
           for v, row in b["variant_at_least_baseline"].items()],
         "",
     ]
-    return "\n".join(lines)
+    return lines
+
+
+def _latency(p: dict, key: str) -> str:
+    """'1.52× (0.41 vs 0.62 ms)': the point's speed-up over dense and both medians."""
+    if f"speedup_{key}" not in p:  # sweeps before the speed axis kept the two medians only
+        return f"{p[f'latency_{key}_ms']:.2f} ms (dense {p[f'dense_latency_{key}_ms']:.2f})"
+    return f"{p[f'speedup_{key}']:.2f}× ({p[f'latency_{key}_ms']:.2f} vs {p[f'dense_latency_{key}_ms']:.2f} ms)"
+
+
+def _met(ok) -> str:
+    return "—" if ok is None else "**met**" if ok else "**not met**"
+
+
+def _speed_markdown(result: dict) -> list[str]:
+    speed, b = result["speed"], result["bars"]
+    d, t = speed.get("dense", result["dense"]), speed["tuning"]
+    seeds = ", ".join(f"{r['accuracy']:.2f}" for r in d["seeds"])
+    serving = speed["serving"]
+    lines = [
+        "### At matched measured speed",
+        "",
+        f"Command: `{speed.get('command', result['command'])}` — "
+        f"{speed.get('environment', result['environment'])['device']}, {speed['wall_s'] / 60:.0f} min wall.",
+        "",
+        f"The same setting and epochs as at matched FLOPs, from this run's own dense checkpoint (dense accuracy over "
+        f"{len(d['seeds'])} seeds: {seeds} → mean {d['accuracy_mean']:.2f} %, sd {d['accuracy_std']:.2f}). Points "
+        f"are speed targets (`target_speedup` {', '.join(f'{v:g}' for v in speed['targets'])}) on the deployment, "
+        "ONNX Runtime at batch 1 on 1 thread, with the tool's deployment settings (ranks in the multiples the "
+        "backend runs well, each layer in the form measured faster there): SVD methods cut their ranks toward the "
+        "latency the target implies, predicted from per-layer times measured there, and the prune stage measures "
+        "the whole model and cuts further while it falls short; filter pruning searches its channel ratio on the "
+        "measured speed-up. Every export is then timed against the dense model, alternately in one process, at the "
+        f"deployment and at the serving setting ({serving['backend']}, batch {serving['batch']}, "
+        f"{serving['threads']} threads).",
+        "",
+    ]
+    if t["methods"]:
+        lines += [
+            f"Settings chosen on the validation split ({t['val_subset']:,} training images held out; "
+            f"{t['train_subset']:,} training images) at target_speedup {t['target_speedup']:g}: each method's three "
+            "settings as at matched FLOPs, then the best of them with the rounding its structure allows (ranks in "
+            "multiples of 8, or channel counts in multiples of 8: Torch-Pruning's round_to), then the best so far "
+            f"with distillation ({t['wall_s'] / 60:.0f} min):",
+            "",
+            *_tuning_rows(t["methods"]),
+            "",
+        ]
+    lines += ["| method | seed | target | accuracy (%) | after the cut (%) | conv FLOPs reduction | deployment "
+              "(IQR) | serving | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in speed["points"]:
+        if "unreachable" in p:
+            lines.append(f"| {p['method']} | {p['seed']} | {p['knob_value']:g}× | unreachable: "
+                         f"{p['unreachable'][:160]} | | | | | |")
+            continue
+        low, high = p["speedup_b1_iqr"]
+        lines.append(f"| {p['method']} | {p['seed']} | {p['knob_value']:g}× | {p['accuracy']:.2f} | "
+                     f"{p['accuracy_after_prune']:.2f} | {p['conv_flops_reduction']:.2f}× | "
+                     f"{_latency(p, 'b1')} ({low:.2f}–{high:.2f}) | {_latency(p, 'b32')} | "
+                     f"{p['wall_s'] + p['shared_wall_s']:.0f} |")
+    methods = [m for m in speed["methods"] if any(m in row for row in b["matched_speed"].values())]
+    lines += ["", "Accuracy (%) interpolated at matched measured speed-up on the deployment (seed 0's curve, linear "
+              "in log speed-up; — = outside the curve), and at 2× on the serving setting:", "",
+              "| speed-up | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for key, row in b["matched_speed"].items():
+        lines.append(f"| {key} | " + " | ".join(_fmt(row.get(m)) for m in methods) + " |")
+    lines.append("| serving 2x | " + " | ".join(_fmt(b["matched_serving"]["2x"].get(m)) for m in methods) + " |")
+    if b["seeds"]:
+        lines += ["", f"Two compression seeds (same dense checkpoint) at target {speed['seed_target']:g}×:", ""]
+        for m, e in b["seeds"].items():
+            lines.append(f"- {m}: " + ", ".join(f"{a:.2f} % at {v:.2f}×" for a, v in zip(e["accuracy"], e["speedup_b1"]))
+                         + f" → mean {e['mean']:.2f} %")
+    if speed.get("ablation"):
+        lines += ["", f"Ablation of `{NEW_RECIPE}` at target {speed['seed_target']:g}× (test set): the same recipe with "
+                  "its ranks cut toward a FLOPs budget instead, the FLOPs its speed-targeted point reached, with the "
+                  "same rank multiples and the same export for the deployment:", "",
+                  "| variant | accuracy (%) | conv FLOPs reduction | deployment (IQR) | serving |", "|---|---:|---:|---:|---:|"]
+        for p in speed["ablation"]:
+            low, high = p["speedup_b1_iqr"]
+            lines.append(f"| {p['ablation']} | {p['accuracy']:.2f} | {p['conv_flops_reduction']:.2f}× | "
+                         f"{_latency(p, 'b1')} ({low:.2f}–{high:.2f}) | {_latency(p, 'b32')} |")
+    n = b["new_recipe_speed"]
+    if n:
+        key = f"{speed['seed_target']:g}x"
+        at = n[key]
+        lines += ["", f"Bars (`{NEW_RECIPE}` against the better filter pruning):",
+                  f"- at {key} (two seeds each): {_fmt(at['mean'], ' %')} against {at['filter_pruning'] or '—'} "
+                  f"{_fmt(at['filter_pruning_mean'], ' %')} (margin {_fmt(at['margin'])}; bar ≥ +0.3): "
+                  + _met(at["at_least_filter_plus_0.3"]),
+                  f"- at {key}: ≥ dense mean − 1.0 ({d['accuracy_mean'] - 1:.2f} %): " + _met(at["within_1_point_of_dense"])]
+        for other in ("1.5x", "2.5x", "serving_2x"):
+            e = n[other]
+            lines.append(f"- {other.replace('_', ' ')}: {_fmt(e['accuracy'], ' %')} against {e['filter_pruning'] or '—'} "
+                         f"{_fmt(e['filter_pruning_accuracy'], ' %')}: " + _met(e["at_least_filter"]))
+    lines.append("")
+    return lines
 
 
 def main(argv=None):
@@ -521,6 +795,15 @@ def main(argv=None):
     parser.add_argument("--tune-target", type=float, default=0.25, help="FLOPs budget the settings are tuned at")
     parser.add_argument("--ablation-target", type=float, default=0.25,
                         help="FLOPs budget of the new recipe's ablation (one of --targets; 0 = none)")
+    parser.add_argument("--axes", default="flops,speed",
+                        help="flops: points at FLOPs budgets (--targets); speed: points at measured speed targets "
+                             "(--speed-targets); with one axis, pareto.json keeps the other's results")
+    parser.add_argument("--speed-targets", default="1.5,2,2.5,3", help="target_speedup of the speed axis's points")
+    parser.add_argument("--speed-methods", default=",".join(SPEED_METHODS))
+    parser.add_argument("--seed-methods", default=",".join((NEW_RECIPE, *FILTER_BASELINES)),
+                        help="methods run with a second compression seed at --seed-target")
+    parser.add_argument("--seed-target", type=float, default=2.0)
+    parser.add_argument("--tune-speedup", type=float, default=2.0, help="speed target the speed axis is tuned at")
     parser.add_argument("--max-batches", type=int, default=0, help="cap on batches per epoch (smoke test)")
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
@@ -533,7 +816,13 @@ def main(argv=None):
     args.command = " ".join(["python benchmarks/pareto.py", *(argv if argv is not None else sys.argv[1:])])
     args.targets = [float(t) for t in args.targets.split(",")]
     args.methods = args.methods.split(",")
-    unknown = [m for m in args.methods if m not in METHODS]
+    args.axes = args.axes.split(",")
+    args.speed_targets = [float(t) for t in args.speed_targets.split(",")]
+    args.speed_methods = args.speed_methods.split(",")
+    args.seed_methods = args.seed_methods.split(",")
+    if not set(args.axes) <= {"flops", "speed"} or not args.axes:
+        parser.error(f"--axes {','.join(args.axes)}; allowed: flops, speed, or both")
+    unknown = [m for m in args.methods + args.speed_methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
     if args.ablation_target and args.ablation_target not in args.targets:
@@ -541,8 +830,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     result = json.loads(Path(args.report_only).read_text()) if args.report_only else sweep(args)
-    result["bars"] = bars(result)
     out = Path(args.out)
+    earlier = out / "pareto.json"
+    if not args.report_only and args.axes == ["speed"] and earlier.is_file():
+        # one axis swept: the other's results stay, each axis with its own dense models, tuning and command
+        kept = json.loads(earlier.read_text())
+        result = {**kept, "speed": {**result["speed"], "dense": result["dense"], "command": result["command"],
+                                    "wall_s": result["wall_s"], "environment": result["environment"]}}
+    elif not args.report_only and "speed" in args.axes:
+        result["speed"].update(dense=result["dense"], command=result["command"], environment=result["environment"])
+    result["bars"] = bars(result)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "pareto.png")

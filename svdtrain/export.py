@@ -51,12 +51,46 @@ def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", bac
             form = min(ms, key=ms.get)
             if max(ms.values()) <= TIE * min(ms.values()):  # a tie within timing noise: fewer FLOPs decide
                 form = "thin" if layer.exported_thin(shapes) else "dense"
-            entry.update(form=form, why=f"{backend}: dense {ms['dense']:.3f} ms, thin {ms['thin']:.3f} ms")
+            entry.update(form=form, why=f"{backend}: dense {ms['dense']:.3f} ms, thin {ms['thin']:.3f} ms",
+                         dense_ms=ms["dense"], thin_ms=ms["thin"])
+            if form == "dense":
+                entry["thin_pays_at_rank"] = _rank_that_pays(layer, shapes[0], backend, ms["dense"])
         else:
             entry.update(form="thin" if layer.exported_thin(shapes) else "dense",
                          why="fewer FLOPs" if shapes else "fewer parameters (never ran)")
         layout[name] = entry
     return layout
+
+
+def _rank_that_pays(layer, input_shape: tuple, backend: str, dense_ms: float) -> int | None:
+    """The largest rank below the layer's at which its thin pair is measured clearly faster than its dense form
+    (timed at prune_'s grid of ranks), or None when none is: what a deeper cut of this layer would buy."""
+    from .prune import _truncated, default_multiple, rank_grid
+
+    lower = [r for r in rank_grid(layer.rank, default_multiple(layer.full_rank)) if r < layer.rank]
+    ms = time_forms({r: _truncated(layer, r).to_thin_pair() for r in lower}, input_shape, backend)
+    return max((r for r, t in ms.items() if t * TIE < dense_ms), default=None)
+
+
+def export_decisions(model: nn.Module, example_inputs, strategy: str = "flops",
+                     backend: str = "eager") -> tuple[nn.Module, dict]:
+    """`export`, and what it decided: {"layers": export_layout(...), "whole": None, or for strategy "latency"
+    with thin layers {"dense_ms", "thin_ms", "kept_thin"}: the whole model timed both ways on `backend`}."""
+    layout = export_layout(model, example_inputs, strategy, backend)
+    small = _apply(model, lambda name, layer: layer.to_thin_pair() if layout[name]["form"] == "thin"
+                   else layer.to_dense())
+    whole = None
+    if strategy == "latency" and any(entry["form"] == "thin" for entry in layout.values()):
+        dense = dense_copy(model)
+        ms = timings_for({"dense": runner(dense, example_inputs, backend),
+                          "small": runner(small, example_inputs, backend)}, budget_s=2.0)
+        whole = {"dense_ms": statistics.median(ms["dense"]), "thin_ms": statistics.median(ms["small"])}
+        # Keep the thin pairs only when clearly faster: per-layer timings can promise a gain that the
+        # whole model, within the noise of a shared machine, does not deliver.
+        whole["kept_thin"] = whole["thin_ms"] * TIE <= whole["dense_ms"]
+        if not whole["kept_thin"]:
+            small = dense
+    return small, {"layers": layout, "whole": whole}
 
 
 def _apply(model: nn.Module, make) -> nn.Module:
@@ -92,18 +126,7 @@ def export(model: nn.Module, example_inputs, strategy: str = "flops", backend: s
         >>> fast = export(model, torch.randn(8, 3, 224, 224), strategy="latency", backend="onnxruntime")
         >>> torch.save(small.state_dict(), "small.pt")
     """
-    layout = export_layout(model, example_inputs, strategy, backend)
-    small = _apply(model, lambda name, layer: layer.to_thin_pair() if layout[name]["form"] == "thin"
-                   else layer.to_dense())
-    if strategy == "latency" and any(entry["form"] == "thin" for entry in layout.values()):
-        dense = dense_copy(model)
-        ms = timings_for({"dense": runner(dense, example_inputs, backend),
-                          "small": runner(small, example_inputs, backend)}, budget_s=2.0)
-        # Keep the thin pairs only when clearly faster: per-layer timings can promise a gain that the
-        # whole model, within the noise of a shared machine, does not deliver.
-        if statistics.median(ms["small"]) * TIE > statistics.median(ms["dense"]):
-            return dense
-    return small
+    return export_decisions(model, example_inputs, strategy, backend)[0]
 
 
 def rebuild(model: nn.Module, layout: dict) -> nn.Module:

@@ -52,27 +52,35 @@ def test_conflicting_budgets(observed):
     with pytest.raises(ConfigError, match="at most one") as e:
         RunConfig(prune_flops=0.3, prune_params=0.3)
     observed("Config values", "`prune_flops=0.3 prune_params=0.3`", f"ConfigError: `{e.value}`")
+    with pytest.raises(ConfigError, match="target_speedup and prune_flops are all set"):
+        RunConfig(prune_flops=0.3)  # beside the default speed target: RunConfig.replace clears it, the bare class not
+    with pytest.raises(ConfigError, match=r"allowed: > 1"):
+        RunConfig(target_speedup=0.9)
+    with pytest.raises(ConfigError, match="needs export_strategy=latency"):
+        RunConfig(export_strategy="flops")
+    assert RunConfig().replace(export_strategy="flops", prune_flops=0.4).target_speedup == 0.0
 
 
 def test_gradual_cuts_need_a_budget(observed):
     with pytest.raises(ConfigError, match="prune_cuts=4 needs a budget") as e:
-        RunConfig(prune_cuts=4, prune_flops=0.0)
+        RunConfig(prune_cuts=4, target_speedup=0.0)
     observed("Config values", "`prune_cuts=4` without a budget", f"ConfigError: `{e.value}`")
-    assert RunConfig(prune_cuts=4, prune_flops=0.0, prune_params=0.3).prune_cuts == 4
+    assert RunConfig(prune_cuts=4, target_speedup=0.0, prune_params=0.3).prune_cuts == 4
     assert RunConfig(method="trp").prune_cuts == 8  # an svd knob the baselines ignore: the defaults stay valid
 
 
 def test_the_knob_a_user_names_wins_over_a_default_budget(tmp_path):
     base = RunConfig()
-    assert (base.prune_flops, base.prune_cuts) == (0.45, 8)  # the quick recipe
+    assert (base.target_speedup, base.prune_flops, base.prune_cuts) == (1.9, 0.0, 8)  # the quick recipe
     by_energy = base.replace(energy=0.2)  # e.g. `svdtrain prune RUN energy=0.2`
-    assert (by_energy.energy, by_energy.prune_flops, by_energy.prune_cuts) == (0.2, 0.0, 0)
+    assert (by_energy.energy, by_energy.target_speedup, by_energy.prune_cuts) == (0.2, 0.0, 0)
     by_params = base.replace(prune_params=0.3)
-    assert (by_params.prune_params, by_params.prune_flops, by_params.prune_cuts) == (0.3, 0.0, 8)
+    assert (by_params.prune_params, by_params.target_speedup, by_params.prune_cuts) == (0.3, 0.0, 8)
+    assert by_params.replace(target_speedup=1.5).prune_params == 0.0
     config = tmp_path / "paper.toml"
     config.write_text("energy = 0.01\n")
     paper = load_config(str(config))
-    assert (paper.prune_flops, paper.prune_cuts, paper.energy) == (0.0, 0, 0.01)
+    assert (paper.target_speedup, paper.prune_flops, paper.prune_cuts, paper.energy) == (0.0, 0.0, 0, 0.01)
     assert load_config(str(config), ["prune_flops=0.5"]).prune_flops == 0.5  # the last named knob wins
 
 

@@ -6,6 +6,8 @@
   nuclear-norm regularizer; then truncation and fine-tuning.
 - filter_pruning: L1-norm filter pruning by Torch-Pruning (which keeps the coupled
   channels of residual blocks consistent), then fine-tuning.
+- group_sl: DepGraph's group sparsity learning (Torch-Pruning's GroupNormPruner) during the
+  sparsify epochs, then pruning by group norm, then fine-tuning.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from torch import nn
 
 import svdtrain
 from svdtrain.decompose import select_layers
+from svdtrain.latency import paired_speedup, runner, timings_for
 from svdtrain.prune import rank_for_energy, tail_energy
 
-METHODS = ("svd", "truncated_svd", "trp", "filter_pruning")
+METHODS = ("svd", "truncated_svd", "trp", "filter_pruning", "group_sl")
+FILTER_METHODS = ("filter_pruning", "group_sl")  # they remove channels: the model stays dense
 
 
 def _matrices(layer: nn.Module) -> torch.Tensor:
@@ -47,38 +51,88 @@ def trp_truncate_(layers: list[nn.Module], energy: float):
         layer.weight.copy_(((u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]).reshape(layer.weight.shape))
 
 
-def filter_prune_(model: nn.Module, flops: float, example_inputs: torch.Tensor, ignored: list[nn.Module]) -> float:
-    """L1-norm filter pruning (Torch-Pruning) to at most `flops` of the model's FLOPs; returns the channel ratio.
-
-    One ratio for every layer (Torch-Pruning's uniform local pruning), found by bisection.
-    """
+def _torch_pruning():
     try:
         import torch_pruning as tp
     except ImportError:
-        raise ValueError("method filter_pruning needs Torch-Pruning: pip install 'svdtrain[tool]'") from None
+        raise ValueError("filter pruning (filter_pruning, group_sl) needs Torch-Pruning: pip install "
+                         "'svdtrain[tool]'") from None
+    return tp
+
+
+def _importance(kind: str):
+    """L1 norm of each filter (filter_pruning), or the L2 norm of each group of coupled channels over every layer
+    it spans (group_sl: DepGraph's group norm, the importance its sparsity learning drives apart)."""
+    tp = _torch_pruning()
+    return tp.importance.MagnitudeImportance(p=1) if kind == "l1" else tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def group_sparsity_pruner(model: nn.Module, example_inputs: torch.Tensor, ignored: list[nn.Module], reg: float):
+    """DepGraph's group sparsity learning (Fang et al. 2023, Torch-Pruning's GroupNormPruner): call
+    `.regularize(model)` after each backward pass; it adds to the gradients a group-lasso term on every group of
+    coupled channels, stronger on the groups that matter least, so that whole groups fade before they are cut."""
+    tp = _torch_pruning()
+    return tp.pruner.GroupNormPruner(model, example_inputs, importance=_importance("group"), reg=reg,
+                                     ignored_layers=ignored)
+
+
+def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[nn.Module], *,
+                  flops: float | None = None, speedup: float | None = None, backend: str = "onnxruntime",
+                  importance: str = "l1", round_to: int | None = None) -> dict:
+    """Filter pruning (Torch-Pruning, which keeps the coupled channels of residual blocks consistent) to at most
+    `flops` of the model's FLOPs, or to at least `speedup`× its speed measured on `backend` at example_inputs
+    (dense and pruned timed alternately, median of the paired ratios). In place.
+
+    One ratio for every layer (Torch-Pruning's uniform local pruning), the least that meets the budget (steps of
+    0.1, then bisection to 1e-3); `round_to` keeps each layer's channel count a multiple of it. Returns {"channel_ratio", "flops",
+    "dense_flops"} and, for a speed target, the measured "speedup" and "speedup_iqr".
+    """
+    tp = _torch_pruning()
+    if (flops is None) == (speedup is None):
+        raise ValueError("filter_prune_ needs exactly one of flops=, speedup=")
     dense = svdtrain.count_flops(model, example_inputs)
     names = {id(m): n for n, m in model.named_modules()}
     ignored_names = [names[id(m)] for m in ignored]
 
     def pruned(ratio: float) -> nn.Module:
-        candidate = copy.deepcopy(model)
+        candidate = copy.deepcopy(model).eval()
         keep_out = [candidate.get_submodule(n) for n in ignored_names]
-        tp.pruner.MetaPruner(candidate, example_inputs, importance=tp.importance.MagnitudeImportance(p=1),
-                             pruning_ratio=ratio, ignored_layers=keep_out).step()
+        tp.pruner.MetaPruner(candidate, example_inputs, importance=_importance(importance), pruning_ratio=ratio,
+                             ignored_layers=keep_out, round_to=round_to).step()
         return candidate
 
-    lo, hi = 0.0, 0.95
-    for _ in range(10):  # ratio to 1e-3: finer than one channel of a 64-channel layer
+    def speed(candidate: nn.Module) -> dict:
+        ms = timings_for({"dense": runner(copy.deepcopy(model).eval(), example_inputs, backend),
+                          "pruned": runner(candidate, example_inputs, backend)}, budget_s=1.0, min_repeats=15)
+        return paired_speedup(ms["dense"], ms["pruned"])
+
+    def fits(candidate: nn.Module) -> bool:
+        if flops is not None:
+            return svdtrain.count_flops(candidate, example_inputs) <= flops * dense
+        return speed(candidate)["speedup"] >= speedup
+
+    # The cost is not monotone in the ratio once channel counts are rounded (a ratio past what rounding allows
+    # prunes nothing), so the least fitting ratio on a coarse grid comes first, then bisection below it.
+    grid = [i / 10 for i in range(1, 10)]
+    hi = next((ratio for ratio in grid if fits(pruned(ratio))), None)
+    if hi is None:
+        what = f"prune_flops={flops}" if flops is not None else f"target_speedup={speedup} on {backend}"
+        raise ValueError(f"filter pruning cannot reach {what} with up to {grid[-1]:.0%} of every layer's channels "
+                         f"removed{f' (round_to={round_to})' if round_to else ''}; allowed: a smaller target"
+                         + (", or a smaller round_to" if round_to else ""))
+    lo = hi - 0.1
+    for _ in range(7):  # ratio to 1e-3: finer than one channel of a 64-channel layer
         mid = (lo + hi) / 2
-        if svdtrain.count_flops(pruned(mid), example_inputs) <= flops * dense:
+        if fits(pruned(mid)):
             hi = mid
         else:
             lo = mid
     result = pruned(hi)
-    if svdtrain.count_flops(result, example_inputs) > flops * dense:
-        raise ValueError(f"filter pruning cannot reach prune_flops={flops}; allowed: a larger fraction")
+    out = {"channel_ratio": hi, "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense}
+    if speedup is not None:
+        out.update(speed(result))
     _adopt(model, result)
-    return hi
+    return out
 
 
 def _adopt(model: nn.Module, pruned: nn.Module):

@@ -23,12 +23,13 @@ except ModuleNotFoundError:  # Python 3.10
 
 from svdtrain.latency import BACKENDS
 
-from .baselines import METHODS
+from .baselines import FILTER_METHODS, METHODS
 from .data import DATASETS
 from .models import MODELS, is_reference
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+BUDGETS = ("target_speedup", "prune_flops", "prune_params")  # at most one is set; none: the energy rule
 QUICK_TRAIN_SUBSET = 30000  # train_subset=-1 on fashion_mnist: half its training images, the quick recipe's size
 
 
@@ -99,8 +100,13 @@ class RunConfig:
     sparsity: str = field(default="hoyer", metadata=_choice(
         "l1", "hoyer", "hoyer_square", doc="the sparsity regularizer on singular values"))
     energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True, doc="energy pruned per layer"))
-    prune_flops: float = field(default=0.45, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = use energy"))
-    prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = use energy"))
+    prune_flops: float = field(default=0.0, metadata=_range(0, 1, doc="FLOPs budget (fraction); 0 = unused"))
+    prune_params: float = field(default=0.0, metadata=_range(0, 1, doc="params budget (fraction); 0 = unused"))
+    target_speedup: float = field(default=1.9, metadata=_range(0, doc=(
+        "the speed target: S× the dense model's measured speed at the deployment (export_backend, export_batch, "
+        "export_threads); ranks (filter pruning: channels) are cut toward the latency it implies, predicted from "
+        "per-layer times measured there, and the prune stage measures the whole model there and cuts further "
+        "while it falls short; 0 = a prune_flops / prune_params / energy budget instead")))
     min_rank: int = field(default=1, metadata=_range(1, doc="no layer is cut below this rank"))
     rank_multiple: int = field(default=0, metadata=_range(0, doc=(
         "a FLOPs / params budget rounds ranks up to multiples of this (sizes CPU kernels run well); "
@@ -116,6 +122,11 @@ class RunConfig:
         "softened logits) against the cross-entropy's 1 − distill; 0 = off")))
     distill_temperature: float = field(default=4.0, metadata=_range(0, low_open=True,
                                                                     doc="softening of both models' logits"))
+    round_to: int = field(default=0, metadata=_range(0, doc=(
+        "filter_pruning, group_sl: each pruned layer keeps a multiple of this many channels (Torch-Pruning's "
+        "round_to: sizes the backend runs well); 0 = any count")))
+    group_sl_reg: float = field(default=5e-4, metadata=_range(0, low_open=True, doc=(
+        "group_sl: strength of the group sparsity learning during sparsify (Torch-Pruning's reg)")))
     trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
     trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
     trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,
@@ -173,22 +184,38 @@ class RunConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))
-        if self.prune_flops and self.prune_params:
-            raise ConfigError("prune_flops and prune_params are both set; allowed: at most one (0 = unused)")
+        budgets = [k for k in BUDGETS if getattr(self, k)]
+        if len(budgets) > 1:
+            raise ConfigError(f"{' and '.join(budgets)} are all set; allowed: at most one of {', '.join(BUDGETS)} "
+                              "(0 = unused; none: the energy rule)")
+        if self.target_speedup and self.target_speedup <= 1:
+            raise ConfigError(f"target_speedup={self.target_speedup}; allowed: > 1 (times the dense model's speed), "
+                              "or 0 for none")
+        if self.target_speedup and self.export_strategy != "latency":
+            raise ConfigError("target_speedup is measured where the export runs, so it needs export_strategy=latency "
+                              "(each layer in its faster form there); allowed: export_strategy=latency, or a budget "
+                              "of another kind (prune_flops=FRACTION, prune_params=FRACTION, or target_speedup=0 "
+                              "for the energy rule)")
         if self.train_epochs == 0 and not self.dense_checkpoint and self.train_mode == "dense":
             raise ConfigError("train_epochs=0 needs dense_checkpoint=PATH (a dense state_dict to start from)")
         if self.method != "svd" and self.train_mode != "dense":
             raise ConfigError(f"method={self.method} starts from a dense model; allowed: train_mode=dense")
-        if self.method == "filter_pruning" and not self.prune_flops:
-            raise ConfigError("method=filter_pruning needs prune_flops=FRACTION (the FLOPs budget of the pruned model)")
-        if self.prune_cuts and self.method == "svd" and not (self.prune_flops or self.prune_params):
+        if self.method in FILTER_METHODS and not (self.prune_flops or self.target_speedup):
+            raise ConfigError(f"method={self.method} needs prune_flops=FRACTION or target_speedup=S (the budget of "
+                              "the pruned model)")
+        if self.prune_cuts and self.method == "svd" and not self.budget:
             raise ConfigError(f"prune_cuts={self.prune_cuts} needs a budget to cut toward; allowed: "
-                              "prune_flops=FRACTION or prune_params=FRACTION, or prune_cuts=0")
+                              "target_speedup=S, prune_flops=FRACTION or prune_params=FRACTION, or prune_cuts=0")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(f"milestones={self.milestones}: allowed: fractions of a stage's epochs, each in (0, 1)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def budget(self) -> str | None:
+        """The budget the ranks are cut toward: "target_speedup", "prune_flops", "prune_params", or None (energy)."""
+        return next((k for k in BUDGETS if getattr(self, k)), None)
 
     @property
     def train_images(self) -> int:
@@ -204,13 +231,13 @@ class RunConfig:
 
 def named_wins(changes: dict) -> dict:
     """`changes` plus the settings that step aside for what it names, so a knob the user names is never
-    silently overridden by one they did not name here: naming one of energy / prune_flops / prune_params
-    clears the other budgets, and naming energy alone also the gradual cuts toward a budget (e.g.
+    silently overridden by one they did not name here: naming one of energy / target_speedup / prune_flops /
+    prune_params clears the other budgets, and naming energy alone also the gradual cuts toward a budget (e.g.
     `svdtrain prune RUN energy=0.2` on a run made with prune_flops and prune_cuts)."""
     cleared = {}
-    named = [key for key in ("energy", "prune_flops", "prune_params") if key in changes]
+    named = [key for key in ("energy", *BUDGETS) if key in changes]
     if named:
-        cleared.update({key: 0.0 for key in ("prune_flops", "prune_params") if key not in named})
+        cleared.update({key: 0.0 for key in BUDGETS if key not in named})
         if named == ["energy"]:
             cleared["prune_cuts"] = 0
     return {**cleared, **changes}

@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 import svdtrain
-from svdtrain.latency import check_backend, threads
+from svdtrain.export import TIE, dense_copy, export_decisions
+from svdtrain.latency import check_backend, paired_speedup, runner, threads, timings_for
 from svdtrain.layers import svd_layers
 from svdtrain.prune import PruneReport
 
 from svdtrain.config import name_matches
 
-from .baselines import filter_prune_, resize_to_state_
+from .baselines import FILTER_METHODS, filter_prune_, group_sparsity_pruner, resize_to_state_
 from .config import ConfigError, RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
@@ -44,6 +45,10 @@ from .train import StageSettings, evaluate, fit, load_into, load_weights, save_a
 
 STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
 BUILT_FROM = ".built_from"  # in a stage's build folder: the id of the input it is built from
+# Keys a run folder made before they existed lacks, with the value under which such a run behaves as it did.
+BEFORE_THEIR_TIME = {"target_speedup": 0.0}
+SPEED_MARGIN = 1.03  # a speed target must be predicted reachable 3 % beyond it before a run starts
+SPEED_CORRECTIONS = 2  # further cuts the prune stage makes while the measured speed-up falls short of the target
 REPORT_FILES = ("report.json", "report.md", "spectra.png", "ranks.png", "curves.png")  # copied to the run folder
 
 
@@ -137,7 +142,7 @@ class Run:
                 f"{path} names user code (model={model!r}), which opening this run would run; if you trust it, "
                 "add --trust-code (in Python: trust_code=True)")
         try:
-            cfg = RunConfig(**values)
+            cfg = RunConfig(**{**BEFORE_THEIR_TIME, **values})
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         return cls(folder, cfg.replace(**overrides), echo)
@@ -174,9 +179,17 @@ class Run:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise ModelError(f"model {cfg.model!r} returned {got} for {len(example)} {cfg.data} images; allowed: "
                              f"logits of shape {wanted} ({self.data.num_classes} classes)")
-        if cfg.method != "filter_pruning":
+        if cfg.method in FILTER_METHODS:
+            self.filter_prune(model)  # raises when the budget is out of reach
+        else:
             self.decompose(model)
-            if cfg.prune_flops or cfg.prune_params:
+            if cfg.target_speedup:
+                try:  # with a margin: a target at the very edge of reach would fall short by timing noise alone
+                    self.prune(model, self.budget_fraction / SPEED_MARGIN, reach=False)
+                except ValueError as e:
+                    raise ValueError(f"target_speedup={cfg.target_speedup:g} is out of reach, with the "
+                                     f"{SPEED_MARGIN - 1:.0%} margin timing noise needs: {e}") from None
+            elif cfg.budget:
                 self.prune(model)  # raises when the budget is out of reach
 
     def space_needed(self) -> int:
@@ -337,28 +350,86 @@ class Run:
         model = self.model_after("train").to(self.cluster.device).eval().requires_grad_(False)
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
-    def prune(self, model: nn.Module, fraction: float | None = None) -> PruneReport:
-        """prune_ by the run's budget (prune_flops / prune_params, or `fraction` of the dense model in place of
-        it), else by energy, at the run's example input."""
+    @property
+    def budget_fraction(self) -> float | None:
+        """The run's budget as a fraction of the dense model: its latency (1 / target_speedup), FLOPs or params."""
         cfg = self.cfg
+        return 1 / cfg.target_speedup if cfg.target_speedup else cfg.prune_flops or cfg.prune_params or None
+
+    def prune(self, model: nn.Module, fraction: float | None = None, reach: bool = True) -> PruneReport:
+        """prune_ by the run's budget (`fraction` of the dense model in place of it), else by energy.
+
+        target_speedup is a latency budget on the deployment: the ranks are chosen on a CPU copy from per-layer
+        times measured on export_backend at export_batch on export_threads, then cut to in `model`. With `reach`
+        a latency no ranks are predicted to meet gets the fastest ranks there are (timings wander by a few per
+        cent from cut to cut; the preflight checked the target with a margin), else it is an error."""
+        cfg = self.cfg
+        options = dict(min_rank=cfg.min_rank, rank_multiple=cfg.rank_multiple or None)
+        if cfg.target_speedup:
+            with threads(cfg.export_threads):
+                report = svdtrain.prune_(copy.deepcopy(model).cpu(), latency=fraction or self.budget_fraction,
+                                         example_inputs=self.example_input(cfg.export_batch),
+                                         backend=cfg.export_backend, reach=reach, **options)
+            for (_, layer), row in zip(svd_layers(model), report.layers):
+                if row["rank_after"] < layer.rank:
+                    layer.truncate_(row["rank_after"])
+            return report
         knob = ({"flops": fraction or cfg.prune_flops} if cfg.prune_flops else
                 {"params": fraction or cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
         device = next(model.parameters()).device
-        return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), min_rank=cfg.min_rank,
-                               rank_multiple=cfg.rank_multiple or None)
+        return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), **options)
 
     def gradual_cut(self, model: nn.Module, progress: float) -> bool:
         """One cut of the cubic schedule (Zhu & Gupta's gradual pruning): at `progress` p of the stage the
-        model may keep budget + (1 − budget)·(1 − p)³ of the dense FLOPs / params, so most ranks go early,
-        while the network still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
-        budget = self.cfg.prune_flops or self.cfg.prune_params
+        model may keep budget + (1 − budget)·(1 − p)³ of the dense latency / FLOPs / params, so most ranks go
+        early, while the network still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
+        budget = self.budget_fraction
         report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
         if report.cut:
-            kind = "FLOPs" if self.cfg.prune_flops else "params"
-            after, dense = ((report.flops_after, report.dense_flops) if self.cfg.prune_flops else
-                            (report.params_after, report.dense_params))
-            self.echo(f"  rank cut at {progress:.0%} of the stage: {kind} {after / dense:.3f} of dense")
+            said = [f"params {report.params_after / report.dense_params:.3f} of dense"]
+            if report.flops_after is not None:
+                said.insert(0, f"FLOPs {report.flops_after / report.dense_flops:.3f} of dense")
+            if report.latency_after_ms is not None:
+                said.insert(0, f"latency {report.latency_after_ms / report.dense_latency_ms:.3f} of dense "
+                               f"(predicted on {report.backend})")
+            self.echo(f"  rank cut at {progress:.0%} of the stage: {', '.join(said[:2])}")
         return report.cut
+
+    def measured_speedup(self, model: nn.Module) -> dict:
+        """{speedup, speedup_iqr}: `model` (SVD form) exported for the deployment against its dense form, timed alternately
+        there (export_backend at export_batch on export_threads; median of the paired ratios)."""
+        cfg = self.cfg
+        with threads(cfg.export_threads):
+            model = copy.deepcopy(model).cpu().eval()
+            x = self.example_input(cfg.export_batch)
+            small = svdtrain.export(model, x, "latency", cfg.export_backend)
+            ms = timings_for({"dense": runner(dense_copy(model), x, cfg.export_backend),
+                              "small": runner(small, x, cfg.export_backend)}, budget_s=2.0, min_repeats=20)
+        return paired_speedup(ms["dense"], ms["small"])
+
+    def speed_line(self, speed: dict) -> str:
+        cfg = self.cfg
+        low, high = speed["speedup_iqr"]
+        where = f"{cfg.export_threads} thread{'s' * (cfg.export_threads > 1)}" if cfg.export_threads else \
+            "the run's threads"
+        return (f"measured at the deployment ({cfg.export_backend}, batch {cfg.export_batch}, {where}): "
+                f"{speed['speedup']:.2f}× the dense model's speed (IQR {low:.2f}–{high:.2f}), target "
+                f"{cfg.target_speedup:g}×")
+
+    def filter_prune(self, model: nn.Module) -> dict:
+        """filter_prune_ to the run's budget: target_speedup measured on the deployment, or prune_flops."""
+        cfg = self.cfg
+        target = {"speedup": cfg.target_speedup} if cfg.target_speedup else {"flops": cfg.prune_flops}
+        with threads(cfg.export_threads if cfg.target_speedup else 0):
+            return filter_prune_(model, self.example_input(cfg.export_batch if cfg.target_speedup else 1),
+                                 self.excluded(model), **target, backend=cfg.export_backend,
+                                 importance="l1" if cfg.method == "filter_pruning" else "group",
+                                 round_to=cfg.round_to or None)
+
+    def excluded(self, model: nn.Module) -> list[nn.Module]:
+        """The modules exclude_modules names: left dense by SVD training, left whole by filter pruning."""
+        return [module for name, module in model.named_modules()
+                if name and name_matches(name, self.cfg.exclude_modules)]
 
     def recalibrate_bn(self, model: nn.Module) -> int:
         """Batch-norm statistics re-estimated on `bn_recalibrate` training images (no augmentation, a fixed
@@ -428,6 +499,9 @@ def stage_sparsify(run: Run) -> dict:
     elif cfg.method == "trp":
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,
                            truncate_every=cfg.trp_period, truncate_energy=cfg.trp_energy)
+    elif cfg.method == "group_sl":
+        pruner = group_sparsity_pruner(model, run.example_input(), run.excluded(model), cfg.group_sl_reg)
+        accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, regularize=pruner.regularize)
     else:
         accuracy = run.result("train")["accuracy"]
     form = "svd" if svd_layers(model) else "dense"
@@ -441,26 +515,52 @@ def stage_prune(run: Run) -> dict:
     cfg = run.cfg
     model = run.model_after("sparsify")
     example = run.example_input()
-    if cfg.method == "filter_pruning":
-        ignored = [module for name, module in model.named_modules() if name and name_matches(name, cfg.exclude_modules)]
-        dense_flops = svdtrain.count_flops(model, example)
-        ratio = filter_prune_(model, cfg.prune_flops, example, ignored)
-        run.echo(f"filter pruning: {ratio:.3f} of the channels of every layer removed")
-        result = {"form": "dense", **_recalibrated(run, model), "channel_ratio": ratio,
-                  "flops": svdtrain.count_flops(model, example), "dense_flops": dense_flops}
+    if cfg.method in FILTER_METHODS:
+        pruned = run.filter_prune(model)
+        run.echo(f"filter pruning: {pruned['channel_ratio']:.3f} of the channels of every layer removed"
+                 + (f"; {run.speed_line(pruned)}" if cfg.target_speedup else ""))
+        result = {"form": "dense", **_recalibrated(run, model), **pruned,
+                  "flops": svdtrain.count_flops(model, example), "dense_flops": svdtrain.count_flops(
+                      run.dense_model(), example)}
         run.finish("prune", result, model)
         return result
     if not svd_layers(model):
         run.decompose(model, init="svd")
     report = run.prune(model)
+    speed = {}
+    if cfg.target_speedup:
+        # The ranks were chosen by predicted latency; the whole model, measured, may fall short of it (timing
+        # noise, work a lone layer does not show): cut further, by the measured shortfall, a few times at most.
+        for attempt in range(SPEED_CORRECTIONS + 1):
+            speed = run.measured_speedup(model)
+            run.echo(run.speed_line(speed))
+            if speed["speedup"] * TIE >= cfg.target_speedup or attempt == SPEED_CORRECTIONS:
+                break
+            aim = report.latency_after_ms / report.dense_latency_ms * speed["speedup"] / cfg.target_speedup
+            further = run.prune(model, aim)
+            if not further.cut:
+                run.echo("  short of the target, and no lower rank is predicted faster: this is the fastest export "
+                         "of these layers on the deployment")
+                break
+            run.echo(f"  short of the target: cut to {aim:.3f} of the dense latency (predicted)")
+            report = _merged(report, further)
     run.echo(str(report))
     if cfg.prune_cuts and not report.cut:
         run.echo("nothing left to cut: the gradual cuts during sparsify reached the budget")
     run.write_in("prune", "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     result = {"form": "svd", **_recalibrated(run, model), "energy": report.energy,
-              "flops": report.flops_after, "dense_flops": report.dense_flops}
+              "flops": report.flops_after, "dense_flops": report.dense_flops, **speed}
     run.finish("prune", result, model)
     return result
+
+
+def _merged(first: PruneReport, second: PruneReport) -> PruneReport:
+    """One report for two prunes in a row: the ranks and costs before the first, after the second."""
+    for row, before in zip(second.layers, first.layers):
+        row["rank_before"] = before["rank_before"]
+    second.flops_before, second.params_before = first.flops_before, first.params_before
+    second.latency_before_ms = first.latency_before_ms
+    return second
 
 
 def _recalibrated(run: Run, model: nn.Module) -> dict:
@@ -496,12 +596,16 @@ def stage_export(run: Run) -> dict:
     model = run.model_after("finetune")
     example = run.example_input()
     with threads(cfg.export_threads):
-        small = svdtrain.export(model, run.example_input(cfg.export_batch), strategy=cfg.export_strategy,
-                                backend=cfg.export_backend).eval()
+        small, decisions = export_decisions(model, run.example_input(cfg.export_batch), cfg.export_strategy,
+                                            cfg.export_backend)
+        small.eval()
+    for line in dense_reasons(decisions, cfg):
+        run.echo(line)
     folder = run.stage_dir("export")
     layers = [{"name": name, "rank": layer.rank, "full_rank": layer.full_rank,
                "decomposition": getattr(layer, "decomposition", "channel"),
-               "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense"}
+               "form": "thin" if isinstance(small.get_submodule(name), nn.Sequential) else "dense",
+               "why": decisions["layers"][name]["why"]}
               for name, layer in svd_layers(model)]
     layout = {"model": cfg.model, "kind": "svd" if layers else "dense", "strategy": cfg.export_strategy,
               "backend": cfg.export_backend, "batch": cfg.export_batch, "threads": cfg.export_threads,
@@ -517,6 +621,33 @@ def stage_export(run: Run) -> dict:
               "params": svdtrain.count_params(small), "onnx": onnx, "layers": layers}
     run.finish("export", result)
     return result
+
+
+def dense_reasons(decisions: dict, cfg: RunConfig) -> list[str]:
+    """What `export_decisions` kept dense on the deployment and why (measured times), and what would pay there; no
+    line when every layer is thin."""
+    if cfg.export_strategy != "latency":
+        return []
+    where = f"{cfg.export_backend} at batch {cfg.export_batch}"
+    layers, whole = decisions["layers"], decisions["whole"]
+    dense = {name: e for name, e in layers.items() if e["form"] == "dense"}
+    lines = []
+    if dense:
+        why = [f"{name} (rank {e['rank']}: thin pair measured no faster, dense {e['dense_ms']:.3f} ms, thin "
+               f"{e['thin_ms']:.3f} ms; " + (f"it pays at rank ≤ {e['thin_pays_at_rank']})"
+                                             if e.get("thin_pays_at_rank") else "no lower rank pays)")
+               if "dense_ms" in e else f"{name} ({e['why']})" for name, e in dense.items()]
+        lines.append(f"export: {len(dense)} of {len(layers)} layers stay dense on {where}: " + "; ".join(why))
+    if whole is not None and not whole["kept_thin"]:
+        lines.append(f"export: with its thin pairs the whole model measured {whole['thin_ms']:.3f} ms against "
+                     f"{whole['dense_ms']:.3f} ms dense on {where}, not 3 % faster, so the export is the dense "
+                     "model")
+    if lines:
+        deeper = [name for name, e in dense.items() if e.get("thin_pays_at_rank")]
+        lines.append("  what would pay: " + (f"lower ranks in {', '.join(deeper)} (a deeper budget: target_speedup, "
+                                             "prune_flops or a larger energy), " if deeper else "")
+                     + "a larger export_batch, or another export_backend (svdtrain bench latency compares them)")
+    return lines
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:

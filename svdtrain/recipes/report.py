@@ -165,7 +165,9 @@ def _headline(report: dict) -> str:
                        for backend, by_batch in table.items())
     return (f"final: accuracy {acc}, {f['flops_reduction']:.2f}× fewer FLOPs, {d['params'] / f['params']:.2f}× fewer "
             f"params, latency {f['latency_ms']:.2f} ms vs dense {f['dense_latency_ms']:.2f} ms "
-            f"({f['speedup']:.2f}× on {where}: batch {f['latency_batch']}, {_threads(f['latency_threads'])}){gpu}"
+            f"({f['speedup']:.2f}× on {where}: batch {f['latency_batch']}, {_threads(f['latency_threads'])}"
+            + (f"; target {report['config']['target_speedup']:g}×" if report["config"].get("target_speedup") else "")
+            + f"){gpu}"
             + (f"\n  speed-up over dense at batch {batches}, {_threads(report['environment']['threads'])}: {speedups}"
                if speedups else ""))
 

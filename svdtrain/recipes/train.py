@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class StageSettings:
     truncate_every: int = 0  # TRP: replace the dense weights by their truncated SVD every this many steps
     truncate_energy: float = 0.0  # TRP: energy rule used for that truncation
     rank_cuts: int = 0  # gradual rank reduction: `cut` is called this many times, evenly over the stage's steps
+    regularize: Callable[[nn.Module], None] | None = None  # group_sl: adds its term to the gradients after backward
 
 
 def cut_schedule(epochs: int, steps_per_epoch: int, cuts: int) -> dict[int, float]:
@@ -308,6 +310,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                                         "skips such steps instead)")
                 skipped += 1
                 continue
+            if stage.regularize is not None:
+                stage.regularize(model)
             opt.step()
             if stage.truncate_every and (step + 1) % stage.truncate_every == 0:
                 trp_truncate_(dense_targets, stage.truncate_energy)
