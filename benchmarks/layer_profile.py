@@ -1,6 +1,7 @@
 """Where the time of a layer goes at the deployment: each convolution of ResNet-20 (28² images) timed alone on
 ONNX Runtime at batch 1 on 1 thread, dense, as a spatial-wise thin pair at each rank prune_ may give it, and as
-a convolution with fewer output channels (what filter pruning leaves) of the same FLOPs.
+the convolution filter pruning leaves at the same FLOPs (fewer input and output channels, as a uniform channel
+ratio gives an inner layer), with its channel counts as they come and rounded up to multiples of 8.
 
     python benchmarks/layer_profile.py
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -35,8 +37,16 @@ def conv_flops(conv: nn.Conv2d, shape: tuple) -> int:
     return svdtrain.count_flops(conv, torch.zeros(shape))
 
 
-def narrower(conv: nn.Conv2d, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(conv.in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+def narrower(conv: nn.Conv2d, fraction: float, multiple: int = 1) -> nn.Conv2d:
+    """`conv` with its channels cut as filter pruning at one ratio cuts an inner layer: input and output by √fraction
+    (the stem keeps its input), each count rounded up to `multiple`."""
+    def cut(channels: int) -> int:
+        return min(channels, multiple * math.ceil(max(1, round(channels * fraction ** 0.5)) / multiple))
+
+    in_channels = conv.in_channels if conv.in_channels < 4 else cut(conv.in_channels)
+    out_channels = cut(conv.out_channels) if conv.in_channels >= 4 else \
+        min(conv.out_channels, multiple * math.ceil(max(1, round(conv.out_channels * fraction)) / multiple))
+    return nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
 
 
 def profile(backend: str, batch: int) -> dict:
@@ -55,16 +65,23 @@ def profile(backend: str, batch: int) -> dict:
         ranks = [r for r in rank_grid(layer.rank, default_multiple(layer.full_rank)) if r < layer.rank]
         forms = {"dense": dense, **{f"thin{r}": _truncated(layer, r).to_thin_pair() for r in ranks}}
         thin_flops = {r: svdtrain.count_flops(forms[f"thin{r}"], torch.zeros(shape)) for r in ranks}
-        # the filter-pruned conv of the same FLOPs: output channels in proportion, at least one
-        for r in ranks:
-            forms[f"pruned{r}"] = narrower(dense, max(1, round(dense.out_channels * thin_flops[r] / dense_flops)))
-        ms = time_forms(forms, shape, backend)
+        for r in ranks:  # the filter-pruned conv of the same FLOPs, and with its channels rounded up to 8
+            forms[f"pruned{r}"] = narrower(dense, thin_flops[r] / dense_flops)
+            forms[f"pruned8_{r}"] = narrower(dense, thin_flops[r] / dense_flops, 8)
+        ms = time_forms({k: m for k, m in forms.items() if not k.startswith("pruned")}, shape, backend)
+        for form, conv in forms.items():  # a pruned conv has its own input shape
+            if form.startswith("pruned"):
+                ms.update(time_forms({form: conv}, (shape[0], conv.in_channels, *shape[2:]), backend))
         rows.append({"name": name, "input": list(shape), "out_channels": dense.out_channels,
                      "kernel": list(dense.kernel_size), "stride": dense.stride[0], "dense_ms": ms["dense"],
                      "dense_flops": dense_flops,
                      "ranks": [{"rank": r, "flops_fraction": thin_flops[r] / dense_flops, "thin_ms": ms[f"thin{r}"],
-                                "pruned_out_channels": forms[f"pruned{r}"].out_channels,
-                                "pruned_ms": ms[f"pruned{r}"]} for r in ranks]})
+                                **{f"{kind}_channels": [forms[f"{kind}{r}"].in_channels, forms[f"{kind}{r}"].out_channels]
+                                   for kind in ("pruned", "pruned8_")},
+                                **{f"{kind}_flops_fraction": conv_flops(forms[f"{kind}{r}"], (
+                                    shape[0], forms[f"{kind}{r}"].in_channels, *shape[2:])) / dense_flops
+                                   for kind in ("pruned", "pruned8_")},
+                                "pruned_ms": ms[f"pruned{r}"], "pruned8_ms": ms[f"pruned8_{r}"]} for r in ranks]})
     return {"backend": backend, "batch": batch, "threads": torch.get_num_threads(), "call_ms": call_ms,
             "layers": rows}
 
@@ -77,34 +94,34 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}` — {result['environment']}.",
         "",
         f"Each convolution of ResNet-20 at its input shape (28² images, batch {p['batch']}), timed alone on "
-        f"{p['backend']} on {p['threads']} thread(s): dense, as a spatial-wise thin pair at each rank prune_ may "
-        "give it (kh×1 then 1×kw convolution), and as a convolution with fewer output channels of the same FLOPs "
-        f"(what filter pruning leaves). Times in µs, each including the backend's fixed cost of a call, "
-        f"{p['call_ms'] * 1e3:.1f} µs here. Per row: the thin pair at the rank with about half the layer's FLOPs "
-        "(the nearest below 0.5), and the lowest rank there is.",
+        f"{p['backend']} on {p['threads']} thread(s), random weights: dense; as a spatial-wise thin pair (kh×1 then "
+        "1×kw convolution) at the lowest rank prune_'s default multiples allow (16, or a third of the full rank "
+        "in smaller layers), which is where the quick recipe's layers end; and as the convolution filter pruning "
+        "leaves at the same FLOPs (input and output channels cut by the same ratio, as a uniform ratio cuts an "
+        "inner layer; the stem keeps its one input channel), with the channel counts as they come and rounded up "
+        f"to multiples of 8 (`round_to=8`; its FLOPs fraction beside it). Times in µs, each including the "
+        f"backend's fixed cost of a call, {p['call_ms'] * 1e3:.1f} µs here, which a layer inside the whole model "
+        "pays once for all.",
         "",
-        "| layer | input | dense (µs) | rank: FLOPs fraction | thin pair (µs) | channel-pruned conv, same FLOPs (µs) | "
-        "lowest rank: FLOPs | thin (µs) | pruned (µs) |",
-        "|---|---|---:|---|---:|---:|---|---:|---:|",
+        "| layer | input | dense (µs) | thin pair: rank, FLOPs | thin (µs) | pruned, same FLOPs: in→out | pruned (µs) | "
+        "pruned to ×8: in→out, FLOPs | ×8 (µs) |",
+        "|---|---|---:|---|---:|---|---:|---|---:|",
     ]
-    totals = {"dense": 0.0, "thin": 0.0, "pruned": 0.0, "thin_low": 0.0, "pruned_low": 0.0}
+    totals = {"dense": 0.0, "thin": 0.0, "pruned": 0.0, "pruned8": 0.0}
     for row in p["layers"]:
         if not row["ranks"]:
             continue
-        half = min(row["ranks"], key=lambda r: (r["flops_fraction"] > 0.5, abs(r["flops_fraction"] - 0.5)))
         low = row["ranks"][0]
-        totals["dense"] += row["dense_ms"]
-        totals["thin"] += half["thin_ms"]
-        totals["pruned"] += half["pruned_ms"]
-        totals["thin_low"] += low["thin_ms"]
-        totals["pruned_low"] += low["pruned_ms"]
+        for key, value in (("dense", row["dense_ms"]), ("thin", low["thin_ms"]), ("pruned", low["pruned_ms"]),
+                           ("pruned8", low["pruned8_ms"])):
+            totals[key] += value
         lines.append(f"| {row['name']} | {'×'.join(map(str, row['input'][1:]))} | {row['dense_ms'] * 1e3:.1f} | "
-                     f"{half['rank']}: {half['flops_fraction']:.2f} | {half['thin_ms'] * 1e3:.1f} | "
-                     f"{half['pruned_ms'] * 1e3:.1f} ({half['pruned_out_channels']} ch) | "
-                     f"{low['rank']}: {low['flops_fraction']:.2f} | {low['thin_ms'] * 1e3:.1f} | "
-                     f"{low['pruned_ms'] * 1e3:.1f} |")
-    lines.append(f"| sum | | {totals['dense'] * 1e3:.1f} | | {totals['thin'] * 1e3:.1f} | {totals['pruned'] * 1e3:.1f} | "
-                 f"| {totals['thin_low'] * 1e3:.1f} | {totals['pruned_low'] * 1e3:.1f} |")
+                     f"{low['rank']}, {low['flops_fraction']:.2f} | {low['thin_ms'] * 1e3:.1f} | "
+                     f"{'→'.join(map(str, low['pruned_channels']))} | {low['pruned_ms'] * 1e3:.1f} | "
+                     f"{'→'.join(map(str, low['pruned8__channels']))}, {low['pruned8__flops_fraction']:.2f} | "
+                     f"{low['pruned8_ms'] * 1e3:.1f} |")
+    lines.append(f"| sum | | {totals['dense'] * 1e3:.1f} | | {totals['thin'] * 1e3:.1f} | | "
+                 f"{totals['pruned'] * 1e3:.1f} | | {totals['pruned8'] * 1e3:.1f} |")
     return "\n".join(lines) + "\n"
 
 
