@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +110,7 @@ class _LatencyTables:
 
     def __init__(self, model: nn.Module, example_inputs, shapes: dict, backend: str, multiples: list[int]):
         from .export import dense_copy
-        from .latency import median_ms, runner, time_forms
+        from .latency import runner, time_forms, timings_for
 
         self.tables = []  # per layer: (dense ms, [(rank, thin ms), ...]); empty for a layer that never runs
         # A layer timed alone pays the backend's fixed cost of a call (ONNX Runtime: about 5 µs a run, as much
@@ -130,7 +131,12 @@ class _LatencyTables:
             dense_sum += self.tables[-1][0]
         dense = dense_copy(model)
         x = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-        self.whole_dense = median_ms({"dense": runner(dense, x, backend)})["dense"]
+        # The rest of the model is what the whole dense model takes beyond its decomposed layers. Its noise moves
+        # every prediction, and one session of a backend can run a few per cent off another of the same model:
+        # the median of three, each timed for a third of a second.
+        self.whole_dense = statistics.median(
+            statistics.median(timings_for({"dense": runner(dense, x, backend)}, budget_s=0.3)["dense"])
+            for _ in range(3))
         self.rest = max(0.0, self.whole_dense - dense_sum)
 
     def layer_ms(self, i: int, rank: int) -> float:

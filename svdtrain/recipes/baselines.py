@@ -85,8 +85,9 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
     (dense and pruned timed alternately, median of the paired ratios). In place.
 
     One ratio for every layer (Torch-Pruning's uniform local pruning), the least that meets the budget (steps of
-    0.1, then bisection to 1e-3); `round_to` keeps each layer's channel count a multiple of it. Returns {"channel_ratio", "flops",
-    "dense_flops"} and, for a speed target, the measured "speedup" and "speedup_iqr".
+    0.1, then bisection to 1e-3); `round_to` keeps each layer's channel count a multiple of it. Candidates are
+    traced in eval mode, so the trace leaves the batch-norm statistics as they were. Returns {"channel_ratio",
+    "flops", "dense_flops"} and, for a speed target, the measured "speedup" and "speedup_iqr".
     """
     tp = _torch_pruning()
     if (flops is None) == (speedup is None):

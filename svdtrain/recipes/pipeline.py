@@ -47,7 +47,10 @@ STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
 BUILT_FROM = ".built_from"  # in a stage's build folder: the id of the input it is built from
 # Keys a run folder made before they existed lacks, with the value under which such a run behaves as it did.
 BEFORE_THEIR_TIME = {"target_speedup": 0.0}
-SPEED_MARGIN = 1.03  # a speed target must be predicted reachable 3 % beyond it before a run starts
+# A speed target is refused before a run when the export is predicted to miss it by more than this (the prediction
+# moves by a few per cent with the machine's load); a run nearer its edge cuts to the fastest ranks there are and
+# says what it measured.
+SPEED_MARGIN = 1.05
 SPEED_CORRECTIONS = 2  # further cuts the prune stage makes while the measured speed-up falls short of the target
 REPORT_FILES = ("report.json", "report.md", "spectra.png", "ranks.png", "curves.png")  # copied to the run folder
 
@@ -184,11 +187,11 @@ class Run:
         else:
             self.decompose(model)
             if cfg.target_speedup:
-                try:  # with a margin: a target at the very edge of reach would fall short by timing noise alone
-                    self.prune(model, self.budget_fraction / SPEED_MARGIN, reach=False)
+                try:  # refused only when out of reach by more than timing noise moves the prediction
+                    self.prune(model, self.budget_fraction * SPEED_MARGIN, reach=False)
                 except ValueError as e:
-                    raise ValueError(f"target_speedup={cfg.target_speedup:g} is out of reach, with the "
-                                     f"{SPEED_MARGIN - 1:.0%} margin timing noise needs: {e}") from None
+                    raise ValueError(f"target_speedup={cfg.target_speedup:g} is out of reach, even allowing "
+                                     f"{SPEED_MARGIN - 1:.0%} for timing noise: {e}") from None
             elif cfg.budget:
                 self.prune(model)  # raises when the budget is out of reach
 
@@ -362,7 +365,7 @@ class Run:
         target_speedup is a latency budget on the deployment: the ranks are chosen on a CPU copy from per-layer
         times measured on export_backend at export_batch on export_threads, then cut to in `model`. With `reach`
         a latency no ranks are predicted to meet gets the fastest ranks there are (timings wander by a few per
-        cent from cut to cut; the preflight checked the target with a margin), else it is an error."""
+        cent from cut to cut), else it is an error."""
         cfg = self.cfg
         options = dict(min_rank=cfg.min_rank, rank_multiple=cfg.rank_multiple or None)
         if cfg.target_speedup:
