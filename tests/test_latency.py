@@ -47,6 +47,8 @@ def fake_times(monkeypatch, thin_factor: float, whole_small_factor: float):
     monkeypatch.setattr(export_module, "timings_for", timings_for)
     monkeypatch.setattr(latency, "time_forms", time_forms)
     monkeypatch.setattr(latency, "median_ms", lambda runners, *a, **k: {name: 50.0 for name in runners})
+    # prune_'s whole dense model (the rest of the model beyond its decomposed layers)
+    monkeypatch.setattr(latency, "timings_for", lambda runners, *a, **k: {name: [50.0] * 7 for name in runners})
 
 
 def test_latency_layout_follows_the_measured_times(monkeypatch):

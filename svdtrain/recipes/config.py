@@ -112,7 +112,8 @@ class RunConfig:
         "a FLOPs / params budget rounds ranks up to multiples of this (sizes CPU kernels run well); "
         "0 = per layer, the largest power of two ≤ 16 and ≤ a third of its full rank; 1 = no rounding")))
     prune_cuts: int = field(default=8, metadata=_range(0, doc=(
-        "svd: cut ranks toward prune_flops / prune_params this many times during sparsify, on a cubic schedule "
+        "svd: cut ranks toward the budget (target_speedup, prune_flops or prune_params) this many times during "
+        "sparsify, on a cubic schedule "
         "ending at the budget; 0 = one cut in the prune stage (the paper); other methods ignore it")))
     bn_recalibrate: int = field(default=2048, metadata=_range(0, doc=(
         "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "

@@ -47,10 +47,10 @@ STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
 BUILT_FROM = ".built_from"  # in a stage's build folder: the id of the input it is built from
 # Keys a run folder made before they existed lacks, with the value under which such a run behaves as it did.
 BEFORE_THEIR_TIME = {"target_speedup": 0.0}
-# A speed target is refused before a run when the export is predicted to miss it by more than this (the prediction
-# moves by a few per cent with the machine's load); a run nearer its edge cuts to the fastest ranks there are and
-# says what it measured.
-SPEED_MARGIN = 1.05
+# A speed target is refused before a run when the export is predicted to miss it by more than this: the predicted
+# fastest export of the quick recipe's model moved between 0.485 and 0.567 of dense with the machine's load. A run
+# nearer its edge cuts to the fastest ranks there are and says what it measured.
+SPEED_MARGIN = 1.15
 SPEED_CORRECTIONS = 2  # further cuts the prune stage makes while the measured speed-up falls short of the target
 REPORT_FILES = ("report.json", "report.md", "spectra.png", "ranks.png", "curves.png")  # copied to the run folder
 
