@@ -278,8 +278,9 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
                                                          tried[i]["validation_accuracy"] or 0.0, -i))
 
         offers = [ROUNDING[name], DISTILL] if knob == "target_speedup" else [DISTILL]
-        for settings in [*candidates(name), *offers]:
-            if len(tried) >= 3:  # an offer: tried on the best so far
+        own = candidates(name)
+        for settings in [*own, *offers]:
+            if len(tried) >= len(own):  # an offer: tried on the best so far
                 settings = {**tried[best()]["settings"], **settings}
             (record,) = sweep.points(f"tune-{name}-{len(tried)}", settings, [target], measure=False, knob=knob)
             tried.append({"settings": settings, "validation_accuracy": record.get("accuracy"),

@@ -14,7 +14,6 @@ benchmarks/results/rank_multiples.json and the "rank_multiples" section of RESUL
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 import svdtrain
 from svdtrain.export import dense_copy
-from svdtrain.latency import paired_speedup, runner, threads, timings_for
+from svdtrain.latency import paired_timing, runner, threads
 from svdtrain.layers import svd_layers
 from svdtrain.recipes.pipeline import Run
 from svdtrain.recipes.report import write_section
@@ -34,9 +33,9 @@ SETTINGS = [("onnxruntime", 1, 2), ("eager", 1, 2), ("compiled", 1, 2), ("onnxru
 
 
 def speedup(dense, small, x, backend: str) -> dict:
-    ms = timings_for({"dense": runner(dense, x, backend), "small": runner(small, x, backend)}, budget_s=4.0)
-    return {"dense_ms": statistics.median(ms["dense"]), "ms": statistics.median(ms["small"]),
-            **paired_speedup(ms["dense"], ms["small"])}
+    timed = paired_timing(runner(dense, x, backend), runner(small, x, backend), budget_s=4.0)
+    return {"dense_ms": timed["dense_ms"], "ms": timed["small_ms"], "speedup": timed["speedup"],
+            "speedup_iqr": timed["speedup_iqr"]}
 
 
 def measure(folder: Path) -> dict:

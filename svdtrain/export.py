@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import statistics
 
 import torch
 from torch import nn
 
 from .decompose import swap_modules
-from .latency import BACKENDS, check_backend, runner, time_forms, timings_for
+from .latency import BACKENDS, check_backend, paired_timing, runner, time_forms
 from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
 from .stats import trace_svd_layers
 
@@ -75,16 +74,17 @@ def _rank_that_pays(layer, input_shape: tuple, backend: str, dense_ms: float) ->
 def export_decisions(model: nn.Module, example_inputs, strategy: str = "flops",
                      backend: str = "eager") -> tuple[nn.Module, dict]:
     """`export`, and what it decided: {"layers": export_layout(...), "whole": None, or for strategy "latency"
-    with thin layers {"dense_ms", "thin_ms", "kept_thin"}: the whole model timed both ways on `backend`}."""
+    with thin layers {"dense_ms", "thin_ms", "speedup", "speedup_iqr", "kept_thin"}: the whole model timed both
+    ways on `backend`, alternately}."""
     layout = export_layout(model, example_inputs, strategy, backend)
     small = _apply(model, lambda name, layer: layer.to_thin_pair() if layout[name]["form"] == "thin"
                    else layer.to_dense())
     whole = None
     if strategy == "latency" and any(entry["form"] == "thin" for entry in layout.values()):
         dense = dense_copy(model)
-        ms = timings_for({"dense": runner(dense, example_inputs, backend),
-                          "small": runner(small, example_inputs, backend)}, budget_s=2.0)
-        whole = {"dense_ms": statistics.median(ms["dense"]), "thin_ms": statistics.median(ms["small"])}
+        timed = paired_timing(runner(dense, example_inputs, backend), runner(small, example_inputs, backend), 2.0)
+        whole = {"dense_ms": timed["dense_ms"], "thin_ms": timed["small_ms"], "speedup": timed["speedup"],
+                 "speedup_iqr": timed["speedup_iqr"]}
         # Keep the thin pairs only when clearly faster: per-layer timings can promise a gain that the
         # whole model, within the noise of a shared machine, does not deliver.
         whole["kept_thin"] = whole["thin_ms"] * TIE <= whole["dense_ms"]

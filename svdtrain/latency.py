@@ -180,6 +180,14 @@ def paired_speedup(base: list[float], other: list[float]) -> dict:
     return {"speedup": statistics.median(ratios), "speedup_iqr": [quartiles[0], quartiles[-1]]}
 
 
+def paired_timing(dense, small, budget_s: float, min_repeats: int = 7) -> dict:
+    """Two runners timed alternately for about `budget_s` seconds (`timings_for`): their medians {dense_ms, small_ms},
+    how much faster `small` runs (`paired_speedup`) and the number of `repeats`."""
+    ms = timings_for({"dense": dense, "small": small}, budget_s, min_repeats)
+    return {"dense_ms": statistics.median(ms["dense"]), "small_ms": statistics.median(ms["small"]),
+            **paired_speedup(ms["dense"], ms["small"]), "repeats": len(ms["dense"])}
+
+
 def median_ms(runners: dict[str, callable], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds per call of each runner (see `timings`)."""
     return {name: statistics.median(t) for name, t in timings(runners, repeats, warmup).items()}

@@ -39,16 +39,16 @@ def fake_times(monkeypatch, thin_factor: float, whole_small_factor: float):
         return {name: count_flops(m, x) / 1e6 * (thin_factor if isinstance(m, nn.Sequential) else 1.0)
                 for name, m in forms.items()}
 
-    def timings_for(runners, budget_s, **kw):
-        return {"dense": [10.0] * 7, "small": [10.0 * whole_small_factor] * 7}
+    def timings_for(runners, budget_s=0.0, *a, **kw):
+        if set(runners) == {"dense", "small"}:  # export's whole-model check
+            return {"dense": [10.0] * 7, "small": [10.0 * whole_small_factor] * 7}
+        return {name: [50.0] * 7 for name in runners}  # prune_'s whole dense model
 
     export_module = sys.modules["svdtrain.export"]  # the module; svdtrain.export is the function
     monkeypatch.setattr(export_module, "time_forms", time_forms)
-    monkeypatch.setattr(export_module, "timings_for", timings_for)
     monkeypatch.setattr(latency, "time_forms", time_forms)
     monkeypatch.setattr(latency, "median_ms", lambda runners, *a, **k: {name: 50.0 for name in runners})
-    # prune_'s whole dense model (the rest of the model beyond its decomposed layers)
-    monkeypatch.setattr(latency, "timings_for", lambda runners, *a, **k: {name: [50.0] * 7 for name in runners})
+    monkeypatch.setattr(latency, "timings_for", timings_for)
 
 
 def test_latency_layout_follows_the_measured_times(monkeypatch):

@@ -20,7 +20,7 @@ from torch import nn
 import svdtrain
 from svdtrain.decompose import select_layers
 from svdtrain.export import TIE
-from svdtrain.latency import paired_speedup, runner, timings_for
+from svdtrain.latency import paired_timing, runner
 from svdtrain.prune import rank_for_energy, tail_energy
 
 METHODS = ("svd", "truncated_svd", "trp", "filter_pruning", "group_sl")
@@ -103,10 +103,11 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
                              ignored_layers=keep_out, round_to=round_to).step()
         return candidate
 
+    dense_runner = runner(copy.deepcopy(model).eval(), example_inputs, backend) if speedup is not None else None
+
     def speed(candidate: nn.Module) -> dict:
-        ms = timings_for({"dense": runner(copy.deepcopy(model).eval(), example_inputs, backend),
-                          "pruned": runner(candidate, example_inputs, backend)}, budget_s=1.0, min_repeats=15)
-        return paired_speedup(ms["dense"], ms["pruned"])
+        timed = paired_timing(dense_runner, runner(candidate, example_inputs, backend), budget_s=1.0, min_repeats=15)
+        return {"speedup": timed["speedup"], "speedup_iqr": timed["speedup_iqr"]}
 
     def fits(candidate: nn.Module) -> bool:
         if flops is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtrain
-from svdtrain.latency import paired_speedup, runner, timings, timings_for
+from svdtrain.latency import paired_timing, runner, timings
 
 from .models import build_model, resnet20
 from .report import write_section
@@ -103,9 +103,9 @@ LATENCY_MODELS = {  # name: (builder arguments, input shape without batch, rank 
 
 def _compare(dense_runner, small: nn.Module, x: torch.Tensor, backend: str, budget_s: float) -> dict:
     """Alternated timing of dense vs small; repeats sized so the point takes about `budget_s` seconds."""
-    ms = timings_for({"dense": dense_runner, "small": runner(small, x, backend)}, budget_s)
-    return {"dense_ms": statistics.median(ms["dense"]), "ms": statistics.median(ms["small"]),
-            **paired_speedup(ms["dense"], ms["small"]), "repeats": len(ms["dense"])}
+    timed = paired_timing(dense_runner, runner(small, x, backend), budget_s)
+    return {"dense_ms": timed["dense_ms"], "ms": timed["small_ms"], "speedup": timed["speedup"],
+            "speedup_iqr": timed["speedup_iqr"], "repeats": timed["repeats"]}
 
 
 def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35), batches=(1, 32),

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import svdtrain
-from svdtrain.export import TIE, dense_copy, export_decisions
-from svdtrain.latency import check_backend, paired_speedup, runner, threads, timings_for
+from svdtrain.export import TIE, export_decisions
+from svdtrain.latency import check_backend, threads
 from svdtrain.layers import svd_layers
 from svdtrain.prune import PruneReport
 
@@ -389,26 +389,26 @@ class Run:
         budget = self.budget_fraction
         report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
         if report.cut:
-            said = [f"params {report.params_after / report.dense_params:.3f} of dense"]
-            if report.flops_after is not None:
-                said.insert(0, f"FLOPs {report.flops_after / report.dense_flops:.3f} of dense")
-            if report.latency_after_ms is not None:
-                said.insert(0, f"latency {report.latency_after_ms / report.dense_latency_ms:.3f} of dense "
-                               f"(predicted on {report.backend})")
-            self.echo(f"  rank cut at {progress:.0%} of the stage: {', '.join(said[:2])}")
+            said = [f"latency {report.latency_after_ms / report.dense_latency_ms:.3f} of dense (predicted on "
+                    f"{report.backend})" if report.latency_after_ms is not None else None,
+                    f"FLOPs {report.flops_after / report.dense_flops:.3f} of dense" if report.flops_after is not None
+                    else None,
+                    f"params {report.params_after / report.dense_params:.3f} of dense"]
+            self.echo(f"  rank cut at {progress:.0%} of the stage: {', '.join([s for s in said if s][:2])}")
         return report.cut
 
     def measured_speedup(self, model: nn.Module) -> dict:
-        """{speedup, speedup_iqr}: `model` (SVD form) exported for the deployment against its dense form, timed alternately
-        there (export_backend at export_batch on export_threads; median of the paired ratios)."""
+        """{speedup, speedup_iqr}: `model` (SVD form) exported for the deployment against its dense form, as the
+        export's own whole-model check timed them alternately there (export_backend at export_batch on
+        export_threads; median of the paired ratios); 1× when the export is the dense model."""
         cfg = self.cfg
         with threads(cfg.export_threads):
-            model = copy.deepcopy(model).cpu().eval()
-            x = self.example_input(cfg.export_batch)
-            small = svdtrain.export(model, x, "latency", cfg.export_backend)
-            ms = timings_for({"dense": runner(dense_copy(model), x, cfg.export_backend),
-                              "small": runner(small, x, cfg.export_backend)}, budget_s=2.0, min_repeats=20)
-        return paired_speedup(ms["dense"], ms["small"])
+            _, decisions = export_decisions(copy.deepcopy(model).cpu().eval(), self.example_input(cfg.export_batch),
+                                            "latency", cfg.export_backend)
+        whole = decisions["whole"]
+        if whole is None or not whole["kept_thin"]:
+            return {"speedup": 1.0, "speedup_iqr": [1.0, 1.0]}
+        return {"speedup": whole["speedup"], "speedup_iqr": whole["speedup_iqr"]}
 
     def speed_line(self, speed: dict) -> str:
         cfg = self.cfg
@@ -519,12 +519,12 @@ def stage_prune(run: Run) -> dict:
     model = run.model_after("sparsify")
     example = run.example_input()
     if cfg.method in FILTER_METHODS:
+        dense_flops = svdtrain.count_flops(model, example)
         pruned = run.filter_prune(model)
         run.echo(f"filter pruning: {pruned['channel_ratio']:.3f} of the channels of every layer removed"
                  + (f"; {run.speed_line(pruned)}" if cfg.target_speedup else ""))
         result = {"form": "dense", **_recalibrated(run, model), **pruned,
-                  "flops": svdtrain.count_flops(model, example), "dense_flops": svdtrain.count_flops(
-                      run.dense_model(), example)}
+                  "flops": svdtrain.count_flops(model, example), "dense_flops": dense_flops}
         run.finish("prune", result, model)
         return result
     if not svd_layers(model):
