@@ -870,6 +870,8 @@ def main(argv=None):
         kept = json.loads(earlier.read_text())
         result = {**kept, "speed": {**result["speed"], "dense": result["dense"], "command": result["command"],
                                     "wall_s": result["wall_s"], "environment": result["environment"]}}
+    elif not args.report_only and args.axes == ["flops"] and earlier.is_file() and "speed" in json.loads(earlier.read_text()):
+        result["speed"] = json.loads(earlier.read_text())["speed"]
     elif not args.report_only and "speed" in args.axes:
         result["speed"].update(dense=result["dense"], command=result["command"], environment=result["environment"])
     result["bars"] = bars(result)
