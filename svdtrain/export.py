@@ -63,10 +63,10 @@ def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", bac
 
 def _rank_that_pays(layer, input_shape: tuple, backend: str, dense_ms: float) -> int | None:
     """The largest rank below the layer's at which its thin pair is measured clearly faster than its dense form
-    (timed at prune_'s grid of ranks), or None when none is: what a deeper cut of this layer would buy."""
-    from .prune import _truncated, default_multiple, rank_grid
+    (timed at the ranks a latency budget may give it), or None when none is: what a deeper cut of this layer would buy."""
+    from .prune import _truncated, default_multiple, latency_grid
 
-    lower = [r for r in rank_grid(layer.rank, default_multiple(layer.full_rank)) if r < layer.rank]
+    lower = [r for r in latency_grid(layer.rank, default_multiple(layer.full_rank), True) if r < layer.rank]
     ms = time_forms({r: _truncated(layer, r).to_thin_pair() for r in lower}, input_shape, backend)
     return max((r for r, t in ms.items() if t * TIE < dense_ms), default=None)
 

@@ -1,3 +1,4 @@
+import copy
 import io
 import json
 import sys
@@ -11,7 +12,7 @@ from conftest import rel_err
 from svdtrain import SVDConfig, count_flops, decompose_, export, export_layout, prune_, rebuild
 from svdtrain.export import dense_copy
 from svdtrain.layers import svd_layers
-from svdtrain.prune import default_multiple
+from svdtrain.prune import default_multiple, latency_grid
 from svdtrain.recipes.models import CifarResNet
 
 X = torch.randn(4, 3, 16, 16)
@@ -91,7 +92,8 @@ def test_real_latency_export_keeps_the_function(backend):
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 def test_latency_budget_is_met_as_predicted(monkeypatch, backend):
     """prune_(latency=f): ranks chosen from the (here deterministic) per-layer tables until the export is
-    predicted at ≤ f of the dense latency; ranks stay multiples of the default rank multiples."""
+    predicted at ≤ f of the dense latency; ranks stay on each layer's grid (multiples of the default rank
+    multiple, or the powers of two below it)."""
     model = pruned_resnet(energy=0, depth=8)  # full rank
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
     report = prune_(model, latency=0.6, example_inputs=X, backend=backend)
@@ -99,7 +101,31 @@ def test_latency_budget_is_met_as_predicted(monkeypatch, backend):
     assert report.latency_after_ms <= 0.6 * report.dense_latency_ms < report.latency_before_ms
     assert report.cut
     for (_, layer), row in zip(svd_layers(model), report.layers):
-        assert row["rank_after"] % default_multiple(layer.full_rank) == 0 or row["rank_after"] == row["rank_before"]
+        assert row["rank_after"] in latency_grid(row["rank_before"], default_multiple(layer.full_rank), True)
+
+
+def test_latency_budget_takes_ranks_below_the_multiple_only_where_measured_faster(monkeypatch):
+    """A deep latency budget may give a layer a power of two below its rank multiple (2, 4, 8 under 16), but
+    not a rank its thin pair is measured slower at (here every pair of inner size 8 takes 3× its FLOPs' time,
+    as ONNX Runtime's 16-channel blocks make it); a rank_multiple the user names keeps ranks its multiples."""
+    model = pruned_resnet(energy=0, depth=8)
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    flops_ms = latency.time_forms
+
+    def time_forms(forms, input_shape, backend, budget_s=0.5):
+        ms = flops_ms(forms, input_shape, backend, budget_s)
+        return {name: t * 3 if isinstance(forms[name], nn.Sequential) and forms[name][0].out_channels == 8 else t
+                for name, t in ms.items()}
+
+    monkeypatch.setattr(latency, "time_forms", time_forms)
+    deep = copy.deepcopy(model)
+    report = prune_(deep, latency=0.2, example_inputs=X, backend="eager", reach=True)
+    multiples = [default_multiple(layer.full_rank) for _, layer in svd_layers(model)]
+    after = [row["rank_after"] for row in report.layers]
+    assert any(r < m for r, m in zip(after, multiples))  # below the multiple …
+    assert 8 not in [r for r, row in zip(after, report.layers) if row["rank_before"] != 8]  # … but never at 8
+    named = prune_(model, latency=0.2, example_inputs=X, backend="eager", reach=True, rank_multiple=4)
+    assert all(row["rank_after"] % 4 == 0 or row["rank_after"] == row["rank_before"] for row in named.layers)
 
 
 def test_timings_are_cached():
