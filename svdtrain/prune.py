@@ -177,40 +177,41 @@ def _interpolate(points: list[tuple[int, float]], rank: int) -> float:
     return points[-1][1]
 
 
-def _greedy_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], current: list[int], budget_ms: float,
-                        min_rank: int, reach: bool = False) -> list[int]:
-    """Ranks that meet `budget_ms` (predicted), removing the least energy per millisecond saved; with `reach`, the
+def _ranks_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], current: list[int], budget_ms: float,
+                       min_rank: int, reach: bool = False) -> list[int]:
+    """Ranks that meet `budget_ms` (predicted) removing as little of any layer's energy as can be; with `reach`, the
     fastest ranks there are when none meet it (else an error).
 
-    Repeatedly moves the one layer, to the one lower rank (among those its table timed),
-    with the most predicted time saved per fraction of that layer's energy removed;
-    a move may jump several steps, so a layer whose thin pair only beats the dense
-    layer below some rank can get there.
+    As the energy rule of a FLOPs budget, with time in place of FLOPs: at an energy e, each layer takes the rank
+    its table predicts fastest among those (timed) that remove at most e of its Σ s², and e is the least that meets
+    the budget. No layer is cut far below the others: a greedy cut, one layer at a time wherever the most time is
+    saved for its energy, took single layers to rank 2 of 48 once the multiples of 16 ran out (a trained ResNet-20,
+    spatial-wise, at 0.45 / 0.40 of its latency on ONNX Runtime: 61.1 / 15.9 % after batch-norm recalibration,
+    against 74.9 / 43.2 % by this rule). Predicted time only falls as e rises (each layer's choice widens), so e is
+    bisected over the values where some layer's choice changes.
     """
-    ranks = list(current)
     removed = [t.max(dim=0).values if t.dim() > 1 else t for t in tails]  # per layer: energy removed at rank k
-    floor = [max(1, min(min_rank, r)) for r in current]
-    layer_ms = tables.layer_ms
-    while tables(ranks) > budget_ms:
-        best = None
-        for i, rank in enumerate(ranks):
-            now = layer_ms(i, rank)
-            for lower in sorted({max(r, floor[i]) for r, _ in tables.tables[i][1] if r < rank} - {rank}):
-                saved, lost = now - layer_ms(i, lower), float(removed[i][lower] - removed[i][rank])
-                if saved > 0:
-                    score = saved / max(lost, 1e-12)
-                    if best is None or score > best[0]:
-                        best = (score, i, lower)
-        if best is None and reach:
-            break
-        if best is None:  # no lower rank of any layer is predicted faster: these ranks are the fastest there are
-            fastest = tables(ranks) / tables(None)
-            raise ValueError(f"latency={budget_ms / tables(None):.3g} is impossible: the fastest export predicted "
-                             f"is {fastest:.3f} of the dense model's time ({1 / fastest:.2f}× its speed) on "
-                             f"{tables.backend}; allowed: latency ≥ {fastest:.3f} (target_speedup ≤ "
-                             f"{1 / fastest:.2f}), or a smaller rank_multiple, or another backend or batch")
-        ranks[best[1]] = best[2]
-    return ranks
+    options = []
+    for i, rank in enumerate(current):
+        floor = max(1, min(min_rank, rank))
+        options.append(sorted({max(r, floor) for r, _ in tables.tables[i][1] if r < rank} | {rank}))
+
+    def ranks_at(e: float) -> list[int]:
+        return [min((r for r in rs if float(removed[i][r]) <= e), key=lambda r: (tables.layer_ms(i, r), -r))
+                for i, rs in enumerate(options)]
+
+    values = sorted({0.0} | {float(removed[i][r]) for i, rs in enumerate(options) for r in rs})
+    first_fit = bisect.bisect_left(range(len(values)), True, key=lambda k: tables(ranks_at(values[k])) <= budget_ms)
+    if first_fit < len(values):
+        return ranks_at(values[first_fit])
+    fastest = ranks_at(values[-1])
+    if reach:
+        return fastest
+    share = tables(fastest) / tables(None)
+    raise ValueError(f"latency={budget_ms / tables(None):.3g} is impossible: the fastest export predicted is "
+                     f"{share:.3f} of the dense model's time ({1 / share:.2f}× its speed) on {tables.backend}; allowed: "
+                     f"latency ≥ {share:.3f} (target_speedup ≤ {1 / share:.2f}), or a smaller rank_multiple, or "
+                     "another backend or batch")
 
 
 class _ExportCost:
@@ -313,7 +314,7 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
 
     dense, before = cost(None), cost(current)
     if knob == "latency":
-        new_ranks = _greedy_for_latency(cost.latency, tails, current, fraction * dense["latency"], min_rank, reach)
+        new_ranks = _ranks_for_latency(cost.latency, tails, current, fraction * dense["latency"], min_rank, reach)
         energy = None
     else:
         if fraction is not None:

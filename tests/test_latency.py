@@ -219,3 +219,22 @@ def test_bench_latency_says_when_the_export_fell_back_to_dense(monkeypatch, tmp_
     assert point["fell_back_to_dense"] and point["thin_layers"] == 0 and point["flops_speedup"] == 1.0
     assert point["speedup_iqr"][0] <= point["speedup"] <= point["speedup_iqr"][1] and point["repeats"] >= 7
     assert "| 0/2 (fell back to dense) |" in results.read_text()
+
+
+@pytest.mark.parametrize("latency", [0.8, 0.6, 0.45])
+def test_latency_budget_cuts_alike_layers_alike(monkeypatch, latency):
+    """Two layers with the same weights and inputs lose the same energy: each layer takes the fastest rank that
+    removes at most the least energy e meeting the budget, as a FLOPs budget's energy rule does (a greedy cut,
+    one layer at a time, takes one of them far below the other)."""
+    torch.manual_seed(0)
+    first = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    second = copy.deepcopy(first)
+    model = nn.Sequential(first, nn.ReLU(), second)
+    decompose_(model, SVDConfig(decomposition="spatial"))
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    x = torch.randn(1, 16, 64, 64)  # fake times: each layer FLOPs / 1e6 ms (19 ms dense), the whole model 50 ms
+    with torch.no_grad():
+        model[2].U.copy_(model[0].U), model[2].s.copy_(model[0].s), model[2].V.copy_(model[0].V)
+    report = prune_(model, latency=latency, example_inputs=x, backend="eager")
+    assert report.latency_after_ms <= latency * report.dense_latency_ms + 1e-9
+    assert report.layers[0]["rank_after"] == report.layers[1]["rank_after"] < 48
