@@ -109,8 +109,9 @@ class RunConfig:
         "while it falls short; 0 = a prune_flops / prune_params / energy budget instead")))
     min_rank: int = field(default=1, metadata=_range(1, doc="no layer is cut below this rank"))
     rank_multiple: int = field(default=0, metadata=_range(0, doc=(
-        "a FLOPs / params budget rounds ranks up to multiples of this (sizes CPU kernels run well); "
-        "0 = per layer, the largest power of two ≤ 16 and ≤ a third of its full rank; 1 = no rounding")))
+        "a budget (target_speedup, prune_flops, prune_params) rounds ranks up to multiples of this (sizes CPU "
+        "kernels run well); 0 = per layer, the largest power of two ≤ 16 and ≤ a third of its full rank, and for "
+        "target_speedup also the powers of two below it where measured faster; 1 = no rounding")))
     prune_cuts: int = field(default=8, metadata=_range(0, doc=(
         "svd: cut ranks toward the budget (target_speedup, prune_flops or prune_params) this many times during "
         "sparsify, on a cubic schedule "
