@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import svdtrain
+from svdtrain.export import TIE
 from svdtrain.latency import threads
 from svdtrain.recipes.config import RunConfig
 from svdtrain.recipes.data import draw_indices, load_dataset
@@ -231,6 +232,8 @@ class Sweep:
                 base, compress_accuracy, shared_wall = self.compress_phase(label, settings, target, knob)
                 _copy_run(base.folder, folder)
                 point = Run.open(folder, {knob: target, "name": folder.name, **after_compress})
+                if knob == "target_speedup" and base.cfg.target_speedup != target:
+                    point.preflight()  # a compress phase shared with another target: this one's reach, as the tool's
                 point.save_config()
                 pruned = run_stage(point, "prune")
             except ValueError as e:  # a budget out of the method's reach (told before training where it can be)
@@ -273,9 +276,13 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
     for name in methods:
         tried = []
 
-        def best() -> int:  # a tie keeps the first; a setting that cannot reach the budget is never picked
+        def best() -> int:
+            """The most accurate setting that reached the budget; a tie keeps the first. One that cannot reach it
+            is never picked, and on the speed axis one whose measured speed-up falls short of the target (beyond the
+            tie) only when none reaches it: a setting that stays slower would otherwise win by its accuracy alone."""
             return max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"] is not None,
-                                                         tried[i]["validation_accuracy"] or 0.0, -i))
+                                                         tried[i]["reached"], tried[i]["validation_accuracy"] or 0.0,
+                                                         -i))
 
         offers = [ROUNDING[name], DISTILL] if knob == "target_speedup" else [DISTILL]
         own = candidates(name)
@@ -286,6 +293,8 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
             tried.append({"settings": settings, "validation_accuracy": record.get("accuracy"),
                           "validation_accuracy_after_prune": record.get("accuracy_after_prune"),
                           "wall_s": record.get("wall_s", 0.0) + record.get("shared_wall_s", 0.0),
+                          "speedup_at_prune": record.get("speedup_at_prune"),
+                          "reached": knob != "target_speedup" or (record.get("speedup_at_prune") or 0.0) * TIE >= target,
                           **({"unreachable": record["unreachable"]} if "unreachable" in record else {})})
         picked = best()
         out[name] = {"tried": tried, "picked": tried[picked]["settings"]}
@@ -577,14 +586,19 @@ def _settings_text(settings: dict) -> str:
 
 
 def _tuning_rows(methods: dict) -> list[str]:
-    lines = ["| method | setting tried | validation accuracy (%) | after the cut (%) | picked |", "|---|---|---:|---:|:---:|"]
+    speed = any(t.get("speedup_at_prune") for m in methods.values() for t in m["tried"])
+    lines = ["| method | setting tried | validation accuracy (%) | after the cut (%) | "
+             + ("speed-up reached | " if speed else "") + "picked |",
+             "|---|---|---:|---:|" + ("---:|" if speed else "") + ":---:|"]
     for name, m in methods.items():
         for tried in m["tried"]:
             accuracy = tried["validation_accuracy"]
+            reached = tried.get("speedup_at_prune")
             lines.append(f"| {name} | {_settings_text(tried['settings'])} | "
                          + ("unreachable" if accuracy is None else f"{accuracy:.2f}") + " | "
                          f"{_fmt(tried['validation_accuracy_after_prune'])} | "
-                         f"{'yes' if tried['settings'] == m['picked'] else ''} |")
+                         + ((f"{reached:.2f}×" if reached else "—") + " | " if speed else "")
+                         + f"{'yes' if tried['settings'] == m['picked'] else ''} |")
     return lines
 
 
