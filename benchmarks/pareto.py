@@ -265,6 +265,14 @@ class Sweep:
         return records
 
 
+def best(tried: list[dict]) -> int:
+    """The most accurate setting that reached the budget; a tie keeps the first. One that cannot reach it is never
+    picked, and on the speed axis one whose measured speed-up falls short of the target (beyond the tie) only when
+    none reaches it: a setting that stays slower would otherwise win by its accuracy alone."""
+    return max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"] is not None, tried[i]["reached"],
+                                                 tried[i]["validation_accuracy"] or 0.0, -i))
+
+
 def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "prune_flops",
          target: float | None = None) -> dict:
     """Each method's candidates, then the best of them with each offer in turn (on the speed axis its rounding,
@@ -276,19 +284,11 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
     for name in methods:
         tried = []
 
-        def best() -> int:
-            """The most accurate setting that reached the budget; a tie keeps the first. One that cannot reach it
-            is never picked, and on the speed axis one whose measured speed-up falls short of the target (beyond the
-            tie) only when none reaches it: a setting that stays slower would otherwise win by its accuracy alone."""
-            return max(range(len(tried)), key=lambda i: (tried[i]["validation_accuracy"] is not None,
-                                                         tried[i]["reached"], tried[i]["validation_accuracy"] or 0.0,
-                                                         -i))
-
         offers = [ROUNDING[name], DISTILL] if knob == "target_speedup" else [DISTILL]
         own = candidates(name)
         for settings in [*own, *offers]:
             if len(tried) >= len(own):  # an offer: tried on the best so far
-                settings = {**tried[best()]["settings"], **settings}
+                settings = {**tried[best(tried)]["settings"], **settings}
             (record,) = sweep.points(f"tune-{name}-{len(tried)}", settings, [target], measure=False, knob=knob)
             tried.append({"settings": settings, "validation_accuracy": record.get("accuracy"),
                           "validation_accuracy_after_prune": record.get("accuracy_after_prune"),
@@ -296,7 +296,7 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
                           "speedup_at_prune": record.get("speedup_at_prune"),
                           "reached": knob != "target_speedup" or (record.get("speedup_at_prune") or 0.0) * TIE >= target,
                           **({"unreachable": record["unreachable"]} if "unreachable" in record else {})})
-        picked = best()
+        picked = best(tried)
         out[name] = {"tried": tried, "picked": tried[picked]["settings"]}
         _say(f"tuning {name}: " + ", ".join(_fmt(t["validation_accuracy"], " %") for t in tried)
              + f" -> {tried[picked]['settings']}")

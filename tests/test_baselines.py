@@ -162,6 +162,9 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
             tried = saved["speed"]["tuning"]["methods"][name]["tried"]
             assert len(tried) == 5 and tried[3]["settings"].items() >= pareto.ROUNDING[name].items()
             assert tried[4]["settings"].items() >= pareto.DISTILL.items()
+            # a setting that fell short of the target is picked only when none reached it
+            (picked,) = [t for t in tried if t["settings"] == saved["speed"]["tuning"]["methods"][name]["picked"]][:1]
+            assert picked["reached"] or not any(t["reached"] and t["validation_accuracy"] is not None for t in tried)
     ablation = saved["ablation"]["points"]
     distilled = bool(recipe_settings.get("distill"))  # the recipe as tuned; distillation has its own row when it is in it
     assert [a["ablation"] for a in ablation][0] == "the recipe as tuned" and len(ablation) == 4 + distilled
@@ -199,11 +202,13 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         # the prune stage met the target as measured there (within the tie of timing noise); the fresh A/B
         # measurement of the export after fine-tuning is noisier on a shared machine
         assert p["speedup_at_prune"] * 1.03 >= 1.3 and p["speedup_b1"] > 1.0, p
-    # the speed-targeted ranks against the same recipe cut toward the FLOPs they reached
-    assert [a["knob"] for a in saved["speed"]["ablation"]] == ["target_speedup", "prune_flops"]
-    by_flops = saved["speed"]["ablation"][1]
-    assert by_flops["flops"] <= by_flops["knob_value"] * saved["dense"]["flops"] * 1.001
-    assert json.loads((Path(by_flops["folder"]) / "config.json").read_text())["export_strategy"] == "latency"
+    # the ranks below the multiple against ranks in multiples of 16, when the recipe as tuned uses the default
+    rows = saved["speed"]["ablation"]
+    if saved["speed"]["tuning"]["methods"][pareto.NEW_RECIPE]["picked"].get("rank_multiple"):
+        assert rows == []
+    else:
+        assert [a["ablation"] for a in rows][1] == "ranks in multiples of 16 only"
+        assert json.loads((Path(rows[1]["folder"]) / "config.json").read_text())["rank_multiple"] == 16
     bars = saved["bars"]
     assert set(bars["matched_speed"]) == {"1.5x", "2x", "2.5x", "3x"} and "2x" in bars["matched_serving"]
     assert {m: len(e["accuracy"]) for m, e in bars["seeds"].items()} == {"svd_gradual": 2, "filter_pruning": 2}
@@ -219,3 +224,15 @@ def test_interpolation_along_a_curve():
     points = [{"conv_flops_reduction": 2.0, "accuracy": 90.0}, {"conv_flops_reduction": 8.0, "accuracy": 80.0}]
     assert pareto.interpolate(points, 4.0) == pytest.approx(85.0)  # halfway in log scale
     assert pareto.interpolate(points, 1.5) is None and pareto.interpolate(points, 9) is None
+
+
+def test_tuning_picks_among_settings_that_reached_the_target():
+    """A setting whose model stays slower than the target cannot win by its accuracy (rank multiples of 8 at 1.76×
+    for target 2, 90.34 % on validation, against 87.46 % at 2.20×); it is picked only when none reached it, and one
+    out of reach never."""
+    pareto = load_pareto()
+    fast, slow, out = ({"validation_accuracy": 87.46, "reached": True}, {"validation_accuracy": 90.34, "reached": False},
+                       {"validation_accuracy": None, "reached": False})
+    assert pareto.best([slow, fast, out]) == 1
+    assert pareto.best([out, slow, {**slow, "validation_accuracy": 89.0}]) == 1
+    assert pareto.best([fast, {**fast}]) == 0  # a tie keeps the first
