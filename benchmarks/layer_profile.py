@@ -24,7 +24,7 @@ from torch import nn
 import svdtrain
 from svdtrain.latency import threads, time_forms
 from svdtrain.layers import svd_layers
-from svdtrain.prune import _truncated, default_multiple, rank_grid
+from svdtrain.prune import _truncated, default_multiple, latency_grid
 from svdtrain.recipes.models import resnet20
 from svdtrain.recipes.report import write_section
 from svdtrain.recipes.train import write_atomic
@@ -62,7 +62,8 @@ def profile(backend: str, batch: int) -> dict:
         if not isinstance(dense, nn.Conv2d):
             continue
         dense_flops = conv_flops(dense, shape)
-        ranks = [r for r in rank_grid(layer.rank, default_multiple(layer.full_rank)) if r < layer.rank]
+        multiple = default_multiple(layer.full_rank)
+        ranks = [r for r in latency_grid(layer.rank, multiple, True) if r < layer.rank]
         forms = {"dense": dense, **{f"thin{r}": _truncated(layer, r).to_thin_pair() for r in ranks}}
         thin_flops = {r: svdtrain.count_flops(forms[f"thin{r}"], torch.zeros(shape)) for r in ranks}
         for r in ranks:  # the filter-pruned conv of the same FLOPs, and with its channels rounded up to 8
@@ -72,7 +73,7 @@ def profile(backend: str, batch: int) -> dict:
         for form, conv in forms.items():  # a pruned conv has its own input shape
             if form.startswith("pruned"):
                 ms.update(time_forms({form: conv}, (shape[0], conv.in_channels, *shape[2:]), backend))
-        rows.append({"name": name, "input": list(shape), "out_channels": dense.out_channels,
+        rows.append({"name": name, "input": list(shape), "out_channels": dense.out_channels, "multiple": multiple,
                      "kernel": list(dense.kernel_size), "stride": dense.stride[0], "dense_ms": ms["dense"],
                      "dense_flops": dense_flops,
                      "ranks": [{"rank": r, "flops_fraction": thin_flops[r] / dense_flops, "thin_ms": ms[f"thin{r}"],
@@ -96,7 +97,8 @@ def markdown(result: dict) -> str:
         f"Each convolution of ResNet-20 at its input shape (28² images, batch {p['batch']}), timed alone on "
         f"{p['backend']} on {p['threads']} thread(s), random weights: dense; as a spatial-wise thin pair (kh×1 then "
         "1×kw convolution) at the lowest rank prune_'s default multiples allow (16, or a third of the full rank "
-        "in smaller layers), which is where the quick recipe's layers end; and as the convolution filter pruning "
+        "in smaller layers), and at its fastest rank of all a latency budget may give it (the powers of two below "
+        "the multiple too); and as the convolution filter pruning "
         "leaves at the same FLOPs (input and output channels cut by the same ratio, as a uniform ratio cuts an "
         "inner layer; the stem keeps its one input channel), with the channel counts as they come and rounded up "
         f"to multiples of 8 (`round_to=8`; its FLOPs fraction beside it). Times in µs, each including the "
@@ -104,24 +106,26 @@ def markdown(result: dict) -> str:
         "pays once for all.",
         "",
         "| layer | input | dense (µs) | thin pair: rank, FLOPs | thin (µs) | pruned, same FLOPs: in→out | pruned (µs) | "
-        "pruned to ×8: in→out, FLOPs | ×8 (µs) |",
-        "|---|---|---:|---|---:|---|---:|---|---:|",
+        "pruned to ×8: in→out, FLOPs | ×8 (µs) | fastest thin pair: rank, FLOPs | fastest (µs) |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|",
     ]
-    totals = {"dense": 0.0, "thin": 0.0, "pruned": 0.0, "pruned8": 0.0}
+    totals = {"dense": 0.0, "thin": 0.0, "pruned": 0.0, "pruned8": 0.0, "fastest": 0.0}
     for row in p["layers"]:
         if not row["ranks"]:
             continue
-        low = row["ranks"][0]
+        low = next((r for r in row["ranks"] if r["rank"] >= row["multiple"]), row["ranks"][0])
+        fastest = min(row["ranks"], key=lambda r: r["thin_ms"])
         for key, value in (("dense", row["dense_ms"]), ("thin", low["thin_ms"]), ("pruned", low["pruned_ms"]),
-                           ("pruned8", low["pruned8_ms"])):
+                           ("pruned8", low["pruned8_ms"]), ("fastest", fastest["thin_ms"])):
             totals[key] += value
         lines.append(f"| {row['name']} | {'×'.join(map(str, row['input'][1:]))} | {row['dense_ms'] * 1e3:.1f} | "
                      f"{low['rank']}, {low['flops_fraction']:.2f} | {low['thin_ms'] * 1e3:.1f} | "
                      f"{'→'.join(map(str, low['pruned_channels']))} | {low['pruned_ms'] * 1e3:.1f} | "
                      f"{'→'.join(map(str, low['pruned8__channels']))}, {low['pruned8__flops_fraction']:.2f} | "
-                     f"{low['pruned8_ms'] * 1e3:.1f} |")
+                     f"{low['pruned8_ms'] * 1e3:.1f} | {fastest['rank']}, {fastest['flops_fraction']:.2f} | "
+                     f"{fastest['thin_ms'] * 1e3:.1f} |")
     lines.append(f"| sum | | {totals['dense'] * 1e3:.1f} | | {totals['thin'] * 1e3:.1f} | | "
-                 f"{totals['pruned'] * 1e3:.1f} | | {totals['pruned8'] * 1e3:.1f} |")
+                 f"{totals['pruned'] * 1e3:.1f} | | {totals['pruned8'] * 1e3:.1f} | | {totals['fastest'] * 1e3:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -303,8 +303,12 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
 
     multiples = [rank_multiple or (1 if knob == "energy" else default_multiple(layer.full_rank))
                  for _, layer in layers]
-    grids = [latency_grid(layer.rank, m, below_multiple=rank_multiple is None) for (_, layer), m in zip(layers, multiples)]
-    cost = _ExportCost(model, example_inputs, backend, grids) if knob == "latency" else _ExportCost(model, example_inputs)
+    if knob == "latency":
+        grids = [latency_grid(layer.rank, m, below_multiple=rank_multiple is None)
+                 for (_, layer), m in zip(layers, multiples)]
+        cost = _ExportCost(model, example_inputs, backend, grids)
+    else:
+        cost = _ExportCost(model, example_inputs)
     tails = [tail_energy(layer.s) for _, layer in layers]
     current = [layer.rank for _, layer in layers]
 
