@@ -880,13 +880,13 @@ def main(argv=None):
     result = json.loads(Path(args.report_only).read_text()) if args.report_only else sweep(args)
     out = Path(args.out)
     earlier = out / "pareto.json"
-    if not args.report_only and args.axes == ["speed"] and earlier.is_file():
-        # one axis swept: the other's results stay, each axis with its own dense models, tuning and command
-        kept = json.loads(earlier.read_text())
+    # one axis swept: the other's results stay, each axis with its own dense models, tuning and command
+    kept = json.loads(earlier.read_text()) if not args.report_only and len(args.axes) == 1 and earlier.is_file() else {}
+    if kept and args.axes == ["speed"]:
         result = {**kept, "speed": {**result["speed"], "dense": result["dense"], "command": result["command"],
                                     "wall_s": result["wall_s"], "environment": result["environment"]}}
-    elif not args.report_only and args.axes == ["flops"] and earlier.is_file() and "speed" in json.loads(earlier.read_text()):
-        result["speed"] = json.loads(earlier.read_text())["speed"]
+    elif "speed" in kept:
+        result["speed"] = kept["speed"]
     elif not args.report_only and "speed" in args.axes:
         result["speed"].update(dense=result["dense"], command=result["command"], environment=result["environment"])
     result["bars"] = bars(result)
