@@ -400,7 +400,14 @@ def speed_axis(args, checkpoint: str, common: dict, test: "Sweep") -> dict:
     picked = {name: tuning[name]["picked"] if name in tuning else METHODS[name] for name in methods}
     records = []
     for name in methods:
-        records += test.points(name, picked[name], args.speed_targets, knob="target_speedup")
+        unrounded = {k: v for k, v in picked[name].items() if k not in ROUNDING[name]}
+        for record in test.points(name, picked[name], args.speed_targets, knob="target_speedup"):
+            # Rounding was chosen at the tuning target, where it reached; at a target it cannot reach, the same
+            # setting without it (every method alike: a coarser grid of sizes may stop short of a faster model).
+            if "unreachable" in record and unrounded != picked[name]:
+                (record,) = test.points(f"{name}-unrounded", unrounded, [record["knob_value"]], knob="target_speedup")
+                record = {**record, "method": name, "unrounded": True}
+            records.append(record)
     for name in [m for m in args.seed_methods if m in methods]:
         for record in test.points(f"{name}-seed1", {**picked[name], "seed": 1}, [args.seed_target],
                                   knob="target_speedup"):
@@ -746,7 +753,8 @@ def _speed_markdown(result: dict) -> list[str]:
         f"are speed targets (`target_speedup` {', '.join(f'{v:g}' for v in speed['targets'])}) on the deployment, "
         "ONNX Runtime at batch 1 on 1 thread, with the tool's deployment settings (ranks in the multiples the "
         "backend runs well, each layer in the form measured faster there): SVD methods cut their ranks toward the "
-        "latency the target implies, predicted from per-layer times measured there, and the prune stage measures "
+        "latency the target implies, predicted from per-layer times measured there (scaled at each cut to the whole "
+        "model as measured before it), and the prune stage measures "
         "the whole model and cuts further while it falls short; filter pruning searches its channel ratio on the "
         "measured speed-up. Every export is then timed against the dense model, alternately in one process, at the "
         f"deployment and at the serving setting ({serving['backend']}, batch {serving['batch']}, "
@@ -759,7 +767,8 @@ def _speed_markdown(result: dict) -> list[str]:
             f"{t['train_subset']:,} training images) at target_speedup {t['target_speedup']:g}: each method's three "
             "settings as at matched FLOPs, then the best of them with the rounding its structure allows (ranks in "
             "multiples of 8, or channel counts in multiples of 8: Torch-Pruning's round_to), then the best so far "
-            f"with distillation ({t['wall_s'] / 60:.0f} min):",
+            f"with distillation ({t['wall_s'] / 60:.0f} min). A target the picked setting cannot reach with its "
+            "rounding is run with the same setting without it, for every method:",
             "",
             *_tuning_rows(t["methods"]),
             "",
@@ -772,7 +781,8 @@ def _speed_markdown(result: dict) -> list[str]:
                          f"{p['unreachable'][:160]} | | | | | |")
             continue
         low, high = p["speedup_b1_iqr"]
-        lines.append(f"| {p['method']} | {p['seed']} | {p['knob_value']:g}× | {p['accuracy']:.2f} | "
+        rounding = " (without its rounding)" if p.get("unrounded") else ""
+        lines.append(f"| {p['method']}{rounding} | {p['seed']} | {p['knob_value']:g}× | {p['accuracy']:.2f} | "
                      f"{p['accuracy_after_prune']:.2f} | {p['conv_flops_reduction']:.2f}× | "
                      f"{_latency(p, 'b1')} ({low:.2f}–{high:.2f}) | {_latency(p, 'b32')} | "
                      f"{p['wall_s'] + p['shared_wall_s']:.0f} |")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import svdtrain.latency as latency
+import svdtrain.prune as prune_module
 from conftest import rel_err
 from svdtrain import SVDConfig, count_flops, decompose_, export, export_layout, prune_, rebuild
 from svdtrain.export import dense_copy
@@ -94,9 +95,10 @@ def test_latency_budget_is_met_as_predicted(monkeypatch, backend):
     """prune_(latency=f): ranks chosen from the (here deterministic) per-layer tables until the export is
     predicted at ≤ f of the dense latency; ranks stay on each layer's grid (multiples of the default rank
     multiple, or the powers of two below it)."""
-    model = pruned_resnet(energy=0, depth=8)  # full rank
-    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    model = pruned_resnet(energy=0, depth=8)  # full rank: every thin pair has more FLOPs than its layer, so the
+    fake_times(monkeypatch, thin_factor=1.0, whole_small_factor=0.5)  # tables predict no saving and measure none
     report = prune_(model, latency=0.6, example_inputs=X, backend=backend)
+    assert report.latency_anchor is None and report.latency_before_ms == report.dense_latency_ms
     assert report.backend == backend and report.energy is None
     assert report.latency_after_ms <= 0.6 * report.dense_latency_ms < report.latency_before_ms
     assert report.cut
@@ -110,6 +112,7 @@ def test_latency_budget_takes_ranks_below_the_multiple_only_where_measured_faste
     as ONNX Runtime's 16-channel blocks make it); a rank_multiple the user names keeps ranks its multiples."""
     model = pruned_resnet(energy=0, depth=8)
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)  # the tables alone: the fake whole model does not add up
     flops_ms = latency.time_forms
 
     def time_forms(forms, input_shape, backend, budget_s=0.5):
@@ -238,3 +241,29 @@ def test_latency_budget_cuts_alike_layers_alike(monkeypatch, latency):
     report = prune_(model, latency=latency, example_inputs=x, backend="eager")
     assert report.latency_after_ms <= latency * report.dense_latency_ms + 1e-9
     assert report.layers[0]["rank_after"] == report.layers[1]["rank_after"] < 48
+
+
+def test_latency_prediction_is_anchored_to_the_whole_model_as_measured(monkeypatch):
+    """Once the thin pairs are predicted to save ≥ ANCHOR_MIN of the dense time, the whole model at its current
+    ranks is timed against dense and the tables' savings scaled to match it: a model measured faster than its
+    tables say is not cut for a budget it already meets; one measured slower is cut deeper."""
+    model = pruned_resnet(energy=0.3, depth=8)
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)
+    alone = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True)
+    tables = alone.latency_before_ms / alone.dense_latency_ms  # the tables' own prediction of the model as it is
+    assert alone.latency_anchor is None and 0.3 < tables < 0.8
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 0.1)
+    for measured in (tables - 0.1, tables + 0.1):
+        fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=measured)
+        pruned = copy.deepcopy(model)
+        report = prune_(pruned, latency=tables, example_inputs=X, backend="eager", reach=True)
+        anchor = report.latency_anchor
+        assert anchor["predicted"] == pytest.approx(tables, rel=1e-9)
+        assert anchor["measured"] == pytest.approx(measured, rel=1e-9)
+        assert anchor["scale"] == pytest.approx((1 - measured) / (1 - tables), rel=1e-9)
+        assert report.latency_before_ms / report.dense_latency_ms == pytest.approx(measured, rel=1e-9)
+        if measured > tables:  # measured slower than the tables say: cut (here to the fastest ranks there are)
+            assert report.cut and report.latency_after_ms < report.latency_before_ms
+        else:  # measured faster: the budget is met as it stands
+            assert not report.cut

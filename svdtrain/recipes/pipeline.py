@@ -389,8 +389,11 @@ class Run:
         budget = self.budget_fraction
         report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
         if report.cut:
+            anchor = report.latency_anchor
             said = [f"latency {report.latency_after_ms / report.dense_latency_ms:.3f} of dense (predicted on "
-                    f"{report.backend})" if report.latency_after_ms is not None else None,
+                    f"{report.backend}" + (f"; before the cut measured {anchor['measured']:.3f}, layer times "
+                                           f"said {anchor['predicted']:.3f}" if anchor else "") + ")"
+                    if report.latency_after_ms is not None else None,
                     f"FLOPs {report.flops_after / report.dense_flops:.3f} of dense" if report.flops_after is not None
                     else None,
                     f"params {report.params_after / report.dense_params:.3f} of dense"]
