@@ -130,17 +130,30 @@ ANCHOR_MIN = 0.1
 class _LatencyTables:
     """Predicted latency of the exported model: measured dense and thin-pair times per layer (thin at a grid of
     ranks, interpolated), plus the rest of the model (whole dense model minus its decomposed layers); the time the
-    thin pairs save is scaled by what the whole model, as it stands, is measured to save (`anchor`)."""
+    thin pairs save is scaled to what the whole model, as it stands, is measured to save (`anchor`)."""
 
     def __init__(self, model: nn.Module, example_inputs, shapes: dict, backend: str, grids: list[list[int]]):
         from .export import dense_copy
         from .latency import runner, time_forms, timings_for
 
+        self.backend = backend
+        x = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+        # Whole models are timed before the tables open a session for each form they time: right after many
+        # sessions open, ONNX Runtime runs slower for a while, thin pairs more than dense (a trained ResNet-20 timed
+        # at its last gradual cut, after its tables: 0.500 of the dense latency; the same model at the prune stage,
+        # its tables cached: 0.404, and 0.402 measured after).
+        dense = runner(dense_copy(model), x, backend)
+        # The rest of the model is what the whole dense model takes beyond its decomposed layers. Its noise moves
+        # every prediction, and one session of a backend can run a few per cent off another of the same model:
+        # the median of three, each timed for a third of a second.
+        self.whole_dense = statistics.median(
+            statistics.median(timings_for({"dense": dense}, budget_s=0.3)["dense"]) for _ in range(3))
+        now = self._measure_as_it_stands(model, shapes, x, dense)
+
         self.tables = []  # per layer: (dense ms, [(rank, thin ms), ...]); empty for a layer that never runs
         # A layer timed alone pays the backend's fixed cost of a call (ONNX Runtime: about 5 µs a run, as much
         # as a small convolution's work at batch 1), which inside the whole model it pays once for all layers:
         # taken off each layer's time, so that the sum over layers predicts the whole model's time.
-        self.backend = backend
         self.call_ms = time_forms({"call": nn.Conv2d(1, 1, 1)}, (1, 1, 1, 1), backend)["call"]
         dense_sum = 0.0
         for (name, layer), grid in zip(svd_layers(model), grids):
@@ -153,40 +166,38 @@ class _LatencyTables:
             ms = {form: max(0.0, t - self.call_ms) for form, t in time_forms(forms, shapes[name][0], backend).items()}
             self.tables.append((ms.pop("dense"), sorted(ms.items())))
             dense_sum += self.tables[-1][0]
-        x = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-        dense = runner(dense_copy(model), x, backend)
-        # The rest of the model is what the whole dense model takes beyond its decomposed layers. Its noise moves
-        # every prediction, and one session of a backend can run a few per cent off another of the same model:
-        # the median of three, each timed for a third of a second.
-        self.whole_dense = statistics.median(
-            statistics.median(timings_for({"dense": dense}, budget_s=0.3)["dense"]) for _ in range(3))
         self.rest = max(0.0, self.whole_dense - dense_sum)
-        self.saving_scale = 1.0
-        self.anchor = self._anchor(model, x, dense)
+        self.saving_scale = 1.0  # until the anchor measures it
+        self.anchor = self._anchor(model, *now) if now else None
 
-    def _anchor(self, model: nn.Module, x: torch.Tensor, dense) -> dict | None:
-        """Scale the time thin pairs save to what the whole model at its current ranks (each layer in the form
-        its table picks) is measured to save against dense, timed alternately; None while the tables predict
-        it saves under ANCHOR_MIN of the dense time, too little to measure a scale from.
-
-        Layers timed alone mispredict the whole model by more than the budget's margin: a trained ResNet-20 on
-        ONNX Runtime, predicted at 0.496 of its dense latency by the tables of its last gradual cut, measured
-        0.424, so the cut went far deeper than the target asked (2.36× for a target of 2). The scale is
-        re-measured at every cut, so the error it leaves shrinks as the ranks near the budget."""
+    def _measure_as_it_stands(self, model: nn.Module, shapes: dict, x: torch.Tensor, dense) -> tuple | None:
+        """(layers exported thin, measured fraction of the dense time): the model at its current ranks, each layer
+        in the form with fewer FLOPs, timed against dense alternately; None when every layer would be dense."""
         from .export import _apply
         from .latency import paired_timing, runner
 
-        layers = svd_layers(model)
-        current = [layer.rank for _, layer in layers]
-        predicted = 1 - self(current) / self(None)
-        if predicted < ANCHOR_MIN:
+        thin = {name for name, layer in svd_layers(model) if layer.exported_thin(shapes[name])}
+        if not thin:
             return None
-        thin = {name for i, (name, _) in enumerate(layers) if self.layer_ms(i, current[i]) < self.tables[i][0]}
         small = _apply(model, lambda name, layer: layer.to_thin_pair() if name in thin else layer.to_dense())
-        timed = paired_timing(dense, runner(small, x, self.backend), budget_s=1.0)
-        measured = 1 - 1 / timed["speedup"]
-        self.saving_scale = min(2.0, max(0.5, measured / predicted))
-        return {"predicted": 1 - predicted, "measured": 1 - measured, "scale": self.saving_scale}
+        return thin, 1 / paired_timing(dense, runner(small, x, self.backend), budget_s=1.0)["speedup"]
+
+    def _anchor(self, model: nn.Module, thin: set, measured: float) -> dict | None:
+        """Scale the time thin pairs save to what the model as it stands was measured to save against dense; None
+        (no scale) while the tables predict it saves under ANCHOR_MIN of the dense time, too little to measure a
+        scale from.
+
+        Layers timed alone mispredict the whole model by more than the budget's margin: a trained ResNet-20 on
+        ONNX Runtime, predicted at 0.485 of its dense latency by the tables its gradual cuts had built, measured
+        0.404 (2.49× for a target of 2). The scale is measured again at every cut, so the error it leaves shrinks
+        as the ranks near the budget."""
+        predicted = self.rest + sum(_interpolate(thin_ms, layer.rank) if name in thin else dense_ms
+                                    for (name, layer), (dense_ms, thin_ms) in zip(svd_layers(model), self.tables))
+        saved = 1 - predicted / self(None)
+        if saved < ANCHOR_MIN:
+            return None
+        self.saving_scale = min(2.0, max(0.5, (1 - measured) / saved))
+        return {"predicted": 1 - saved, "measured": measured, "scale": self.saving_scale}
 
     def layer_ms(self, i: int, rank: int) -> float:
         """Layer i in the form the latency export picks at `rank`: the faster of dense and thin pair."""

@@ -245,25 +245,29 @@ def test_latency_budget_cuts_alike_layers_alike(monkeypatch, latency):
 
 def test_latency_prediction_is_anchored_to_the_whole_model_as_measured(monkeypatch):
     """Once the thin pairs are predicted to save ≥ ANCHOR_MIN of the dense time, the whole model at its current
-    ranks is timed against dense and the tables' savings scaled to match it: a model measured faster than its
-    tables say is not cut for a budget it already meets; one measured slower is cut deeper."""
+    ranks (each layer in its form with fewer FLOPs) is timed against dense and the tables' savings scaled to match
+    it: a model measured faster than its tables say is not cut for a budget it already meets; one measured slower
+    is cut deeper."""
     model = pruned_resnet(energy=0.3, depth=8)
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
     monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)
     alone = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True)
-    tables = alone.latency_before_ms / alone.dense_latency_ms  # the tables' own prediction of the model as it is
+    tables = alone.latency_before_ms / alone.dense_latency_ms  # the tables' own prediction, their fastest forms
     assert alone.latency_anchor is None and 0.3 < tables < 0.8
     monkeypatch.setattr(prune_module, "ANCHOR_MIN", 0.1)
-    for measured in (tables - 0.1, tables + 0.1):
+    first = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True)
+    predicted = first.latency_anchor["predicted"]  # the same tables, read at the forms with fewer FLOPs
+    assert tables - 1e-9 <= predicted < 0.9
+    for measured in (predicted - 0.1, predicted + 0.1):
         fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=measured)
-        pruned = copy.deepcopy(model)
-        report = prune_(pruned, latency=tables, example_inputs=X, backend="eager", reach=True)
+        report = prune_(copy.deepcopy(model), latency=predicted, example_inputs=X, backend="eager", reach=True)
         anchor = report.latency_anchor
-        assert anchor["predicted"] == pytest.approx(tables, rel=1e-9)
+        scale = (1 - measured) / (1 - predicted)
+        assert anchor["predicted"] == pytest.approx(predicted, rel=1e-9)
         assert anchor["measured"] == pytest.approx(measured, rel=1e-9)
-        assert anchor["scale"] == pytest.approx((1 - measured) / (1 - tables), rel=1e-9)
-        assert report.latency_before_ms / report.dense_latency_ms == pytest.approx(measured, rel=1e-9)
-        if measured > tables:  # measured slower than the tables say: cut (here to the fastest ranks there are)
+        assert anchor["scale"] == pytest.approx(scale, rel=1e-9)
+        assert report.latency_before_ms / report.dense_latency_ms == pytest.approx(1 - scale * (1 - tables), rel=1e-9)
+        if measured > predicted:  # measured slower than the tables say: cut (here to the fastest ranks there are)
             assert report.cut and report.latency_after_ms < report.latency_before_ms
         else:  # measured faster: the budget is met as it stands
             assert not report.cut
