@@ -97,6 +97,7 @@ def test_latency_budget_is_met_as_predicted(monkeypatch, backend):
     multiple, or the powers of two below it)."""
     model = pruned_resnet(energy=0, depth=8)  # full rank: every thin pair has more FLOPs than its layer, so the
     fake_times(monkeypatch, thin_factor=1.0, whole_small_factor=0.5)  # tables predict no saving and measure none
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)  # the tables alone (the anchor: the tests below)
     report = prune_(model, latency=0.6, example_inputs=X, backend=backend)
     assert report.latency_anchor is None and report.latency_before_ms == report.dense_latency_ms
     assert report.backend == backend and report.energy is None
@@ -235,6 +236,7 @@ def test_latency_budget_cuts_alike_layers_alike(monkeypatch, latency):
     model = nn.Sequential(first, nn.ReLU(), second)
     decompose_(model, SVDConfig(decomposition="spatial"))
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)  # the tables alone
     x = torch.randn(1, 16, 64, 64)  # fake times: each layer FLOPs / 1e6 ms (19 ms dense), the whole model 50 ms
     with torch.no_grad():
         model[2].U.copy_(model[0].U), model[2].s.copy_(model[0].s), model[2].V.copy_(model[0].V)
@@ -271,3 +273,30 @@ def test_latency_prediction_is_anchored_to_the_whole_model_as_measured(monkeypat
             assert report.cut and report.latency_after_ms < report.latency_before_ms
         else:  # measured faster: the budget is met as it stands
             assert not report.cut
+
+
+def test_latency_prediction_of_a_full_rank_model_is_anchored_at_its_lowest_ranks(monkeypatch):
+    """Before any layer is thin (full rank, as before a first cut or at a run's reach check), the whole model is
+    timed with every layer at the lowest rank its grid offers, the far end of what a budget cuts to: a budget the
+    tables alone call impossible is met when the model is measured faster there, and the reach error names the
+    anchored prediction."""
+    model = pruned_resnet(energy=0, depth=8)
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)
+    alone = prune_(copy.deepcopy(model), latency=0.01, example_inputs=X, backend="eager", reach=True)
+    fastest = alone.latency_after_ms / alone.dense_latency_ms  # the tables alone: their fastest ranks
+    assert alone.latency_anchor is None and 0.3 < fastest < 0.9
+    with pytest.raises(ValueError, match=f"fastest export predicted is {fastest:.3f}"):
+        prune_(copy.deepcopy(model), latency=fastest - 0.05, example_inputs=X, backend="eager")
+    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 0.1)
+    lowest = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True).latency_anchor
+    assert lowest["at"] == "at its lowest ranks" and fastest - 1e-9 <= lowest["predicted"] < 0.9
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=lowest["predicted"] - 0.15)  # measured faster
+    report = prune_(copy.deepcopy(model), latency=fastest - 0.05, example_inputs=X, backend="eager")
+    assert report.latency_anchor["at"] == "at its lowest ranks"
+    assert report.latency_anchor["scale"] == pytest.approx(
+        (1 - (lowest["predicted"] - 0.15)) / (1 - lowest["predicted"]), rel=1e-9)
+    assert report.cut and report.latency_after_ms <= (fastest - 0.05) * report.dense_latency_ms + 1e-9
+    fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=lowest["predicted"] + 0.05)  # measured slower
+    with pytest.raises(ValueError, match="is impossible"):
+        prune_(copy.deepcopy(model), latency=fastest - 0.05, example_inputs=X, backend="eager")

@@ -301,6 +301,37 @@ def test_a_speed_target_is_reached_as_measured_at_the_deployment(tmp_path, capsy
     assert report["final"]["speedup"] > 1.1 and report["config"]["target_speedup"] == 1.2
 
 
+def test_the_prune_stage_measures_the_gradual_cuts_before_it_cuts_for_speed(tmp_path, capsys, monkeypatch):
+    """After gradual cuts toward target_speedup the prune stage measures the model first: one that meets the
+    target is not cut again, whatever the per-layer tables predict (here a deeper target than the cuts aimed
+    at, 1.4 for 1.2); one that falls short is cut by the shortfall."""
+    pytest.importorskip("onnxruntime")
+    code, out, _ = run_cli(["run", "data=synthetic", "image_size=28", "model=lenet300", "exclude_modules=fc3",
+                            "train_epochs=1", "sparsify_epochs=1", "finetune_epochs=1", "progress=false",
+                            "latency_repeats=3", "latency_backends=eager", "onnx=false", "target_speedup=1.2",
+                            "prune_cuts=2", f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    folder = Path(out.strip().splitlines()[-1])
+    measured = []
+
+    def measured_speedup(self, model):
+        measured.append(speedup)
+        return {"speedup": speedup, "speedup_iqr": [speedup, speedup]}
+
+    monkeypatch.setattr(Run, "measured_speedup", measured_speedup)
+    for speedup, cut in ((1.37, False), (1.0, True)):  # 1.37: within the 3 % tie of the target
+        measured.clear()
+        code, out, _ = run_cli(["prune", str(folder), "target_speedup=1.4"], capsys)
+        assert code == 0
+        rows = json.loads((folder / "prune" / "prune_report.json").read_text())["layers"]
+        assert any(r["rank_after"] < r["rank_before"] for r in rows) == cut
+        assert json.loads((folder / "prune" / "result.json").read_text())["speedup"] == speedup
+        if cut:
+            assert "short of the target: cut to" in out and len(measured) >= 2
+        else:
+            assert measured == [1.37] and "short of the target" not in out
+
+
 def test_the_export_says_which_layers_stay_dense_and_what_would_pay():
     from svdtrain.recipes.pipeline import dense_reasons
 
