@@ -547,8 +547,9 @@ def stage_prune(run: Run) -> dict:
         # The ranks were chosen by predicted latency; the whole model, measured, may fall short of it (timing
         # noise, work a lone layer does not show): cut further, by the measured shortfall, a few times at most.
         for attempt in range(SPEED_CORRECTIONS + 1):
-            speed = run.measured_speedup(model)
-            run.echo(run.speed_line(speed))
+            if not speed or report.cut:  # not measured yet, or cut since
+                speed = run.measured_speedup(model)
+                run.echo(run.speed_line(speed))
             if speed["speedup"] * TIE >= cfg.target_speedup or attempt == SPEED_CORRECTIONS:
                 break
             aim = report.latency_after_ms / report.dense_latency_ms * speed["speedup"] / cfg.target_speedup
