@@ -541,16 +541,18 @@ def stage_prune(run: Run) -> dict:
         # at 2.06× and cut to the prediction anyway: 88.39 → 72.86 % after batch-norm recalibration).
         speed = run.measured_speedup(model)
         run.echo(run.speed_line(speed))
-    met = bool(speed) and speed["speedup"] * TIE >= cfg.target_speedup
-    report = run.prune(model, 1.0 if met else None)  # a budget of the dense latency: the report, nothing cut
-    if cfg.target_speedup and not met:
+    def meets(speed: dict) -> bool:
+        return bool(speed) and speed["speedup"] * TIE >= cfg.target_speedup
+
+    report = run.prune(model, 1.0 if meets(speed) else None)  # a budget of the dense latency: the report, nothing cut
+    if cfg.target_speedup:
         # The ranks were chosen by predicted latency; the whole model, measured, may fall short of it (timing
         # noise, work a lone layer does not show): cut further, by the measured shortfall, a few times at most.
         for attempt in range(SPEED_CORRECTIONS + 1):
             if not speed or report.cut:  # not measured yet, or cut since
                 speed = run.measured_speedup(model)
                 run.echo(run.speed_line(speed))
-            if speed["speedup"] * TIE >= cfg.target_speedup or attempt == SPEED_CORRECTIONS:
+            if meets(speed) or attempt == SPEED_CORRECTIONS:
                 break
             aim = report.latency_after_ms / report.dense_latency_ms * speed["speedup"] / cfg.target_speedup
             further = run.prune(model, aim)
