@@ -3,6 +3,7 @@
 decompose_ → train with orthogonality_loss + sparsity_loss → prune_ (→ recalibrate_bn) → fine-tune → export.
 """
 
+from .attention import SplitMultiheadAttention
 from .config import SVDConfig
 from .decompose import decompose_
 from .export import export, export_layout, rebuild
@@ -18,6 +19,7 @@ __all__ = [
     "SVDConfig",
     "SVDConv",
     "SVDLinear",
+    "SplitMultiheadAttention",
     "count_flops",
     "count_params",
     "decompose_",

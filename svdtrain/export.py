@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from .attention import PROJECTIONS, SplitMultiheadAttention
 from .decompose import swap_modules
 from .latency import BACKENDS, check_backend, paired_timing, runner, time_forms
 from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
@@ -94,8 +95,17 @@ def export_decisions(model: nn.Module, example_inputs, strategy: str = "flops",
 
 
 def _apply(model: nn.Module, make) -> nn.Module:
-    """A copy of `model` in which every SVD layer `layer` named `name` becomes `make(name, layer)`."""
-    return swap_modules(copy.deepcopy(model), lambda m, fqn: make(fqn, m) if isinstance(m, SVD_LAYERS) else None)
+    """A copy of `model` in which every SVD layer `layer` named `name` becomes `make(name, layer)`, and every
+    split attention whose projections all came out dense is nn.MultiheadAttention again."""
+    copied = swap_modules(copy.deepcopy(model), lambda m, fqn: make(fqn, m) if isinstance(m, SVD_LAYERS) else None)
+    return swap_modules(copied, lambda m, fqn: _merged(m) if isinstance(m, SplitMultiheadAttention) else None)
+
+
+def _merged(attention: SplitMultiheadAttention) -> nn.Module:
+    """nn.MultiheadAttention (its fused fast paths included) for a split attention of plain Linear projections."""
+    if all(type(getattr(attention, name)) is nn.Linear for name in PROJECTIONS):
+        return attention.to_dense()
+    return attention
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
@@ -139,12 +149,15 @@ def rebuild(model: nn.Module, layout: dict) -> nn.Module:
     for name, entry in layout.items():
         if entry["form"] != "thin":
             continue
+        parent, _, child = name.rpartition(".")
+        attention = model.get_submodule(parent) if parent else model
+        if isinstance(attention, nn.MultiheadAttention) and child in PROJECTIONS:  # split, as export left it
+            swap_modules(model, lambda m, fqn: SplitMultiheadAttention.from_dense(m) if m is attention else None)
         dense = model.get_submodule(name)
         if isinstance(dense, nn.Linear) or is_gpt2_conv1d(dense):
             thin = SVDLinear.from_dense(dense, init="random", rank=entry["rank"]).to_thin_pair()
         else:
             thin = SVDConv.from_dense(dense, decomposition=entry["decomposition"], init="random",
                                       rank=entry["rank"]).to_thin_pair()
-        parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, thin)
     return model

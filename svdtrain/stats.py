@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,9 +50,28 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     return _flops(model, example_inputs)[0]
 
 
+def _fused_attention_flops(query, key, value, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of nn.MultiheadAttention's fused inference kernel, which torch's counter does not know: the q, k, v
+    and output projections (E × E each, per token) and the two attention products (L × S × E each)."""
+    batch, length, _ = query
+    source = key[1]
+    return 2 * batch * embed_dim * (2 * length * embed_dim + 2 * source * embed_dim + 2 * length * source)
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of scaled_dot_product_attention's CPU kernel, which torch's counter does not know: q·kᵀ and the
+    weights times v, L × S × head_dim each, per batch and head."""
+    *lead, length, dim = query
+    return 4 * math.prod(lead) * length * key[-2] * dim
+
+
+_UNCOUNTED = {torch.ops.aten._native_multi_head_attention: _fused_attention_flops,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def _flops(model, example_inputs) -> tuple[int, dict[str, int]]:
     """Total FLOPs and FLOPs per module name (as nn.Module.named_modules names them)."""
-    with inference(model), FlopCounterMode(display=False) as counter:
+    with inference(model), FlopCounterMode(display=False, custom_mapping=_UNCOUNTED) as counter:
         run_model(model, example_inputs)
     root = type(model).__name__
     per_module = {}
@@ -122,12 +142,22 @@ class Summary:
 def summary(model: nn.Module, example_inputs) -> Summary:
     """One row per Linear/Conv/SVD layer: name, kind, weight shape, rank / full rank, energy kept, FLOPs.
 
+    A split attention's projections are rows like any Linear; an nn.MultiheadAttention is one row
+    (its four E × E projections and its attention products).
+
     Example:
         >>> print(summary(model, torch.randn(1, 3, 32, 32)))
     """
     total, per_module = _flops(model, example_inputs)
+    inside_attention = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
     rows = []
     for name, m in model.named_modules():
+        if id(m) in inside_attention:  # its forward never runs: the attention's row counts it
+            continue
+        if isinstance(m, nn.MultiheadAttention):  # packed q, k, v: one row, the attention products included
+            rows.append({"name": name, "kind": "MultiheadAttention", "shape": f"{m.embed_dim}×{m.embed_dim}×4",
+                         "rank": "dense", "energy_kept": None, "flops": per_module.get(name, 0)})
+            continue
         if isinstance(m, SVD_LAYERS):
             kind = type(m).__name__ + (f"{m.dims}d {m.decomposition}" if hasattr(m, "dims") else "")
             rank, energy = f"{m.rank}/{m.full_rank}", float(m.energy_kept)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import svdtrain
-from svdtrain.decompose import select_layers
+from svdtrain.decompose import select_layers, split_attention_
 from svdtrain.export import TIE
 from svdtrain.latency import paired_timing, runner
 from svdtrain.prune import rank_for_energy, tail_energy
@@ -34,7 +34,9 @@ def _matrices(layer: nn.Module) -> torch.Tensor:
 
 
 def trp_layers(model: nn.Module, config: svdtrain.SVDConfig) -> list[nn.Module]:
-    """The dense layers TRP works on: those `decompose_` would decompose with `config`."""
+    """The dense layers TRP works on: those `decompose_` would decompose with `config` (attention layers are
+    split first, in place, so that their projections are layers of their own)."""
+    split_attention_(model, config)
     return [module for _, module in select_layers(model, config)[0]]
 
 
