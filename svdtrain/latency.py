@@ -27,6 +27,8 @@ import warnings
 import torch
 from torch import nn
 
+from .stats import logits_of
+
 BACKENDS = ("eager", "eager_prepared", "compiled", "onnxruntime", "cuda")
 
 # (backend, threads, layer signature, input shape) -> median milliseconds. Layers are timed with
@@ -63,6 +65,17 @@ def check_backend(backend: str):
             raise ValueError("backend='onnxruntime' needs onnx and onnxruntime: pip install 'svdtrain[tool]'") from None
 
 
+class _Logits(nn.Module):
+    """`module` returning its logits alone, so that a model whose output is a tuple or an object exports."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return logits_of(self.module(x))
+
+
 def _onnx_session(module: nn.Module, example: torch.Tensor):
     import logging
 
@@ -77,7 +90,7 @@ def _onnx_session(module: nn.Module, example: torch.Tensor):
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter: a fraction of a second per small module, where the
             # dynamo exporter takes seconds; both produce the same Conv/Gemm nodes.
-            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
+            torch.onnx.export(_Logits(module), (example,), buffer, dynamo=False, input_names=["x"])
     finally:
         onnx_log.setLevel(level)
     options = ort.SessionOptions()

@@ -22,6 +22,20 @@ def run_model(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def logits_of(output):
+    """A model's logits: the output itself (a tensor), its first item (a tuple or list), or its `.logits` (an
+    object such as Hugging Face's outputs)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"the model returned a {type(output).__name__}; allowed: logits (a tensor), a tuple or list "
+                    "whose first item is the logits, or an object with a `logits` tensor")
+
+
 @contextmanager
 def inference(model: nn.Module):
     """Eval mode and no autograd for a measuring forward; restores every module's mode after."""

@@ -300,3 +300,23 @@ def test_latency_prediction_of_a_full_rank_model_is_anchored_at_its_lowest_ranks
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=lowest["predicted"] + 0.05)  # measured slower
     with pytest.raises(ValueError, match="is impossible"):
         prune_(copy.deepcopy(model), latency=fastest - 0.05, example_inputs=X, backend="eager")
+
+
+def test_a_model_returning_a_tuple_or_an_output_object_is_timed_on_onnx_runtime():
+    pytest.importorskip("onnxruntime")
+    from types import SimpleNamespace
+
+    from svdtrain.latency import runner
+
+    class Net(nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.fc, self.wrap = nn.Linear(8, 3), wrap
+
+        def forward(self, x):
+            return self.wrap(self.fc(x))
+
+    x = torch.randn(2, 8)
+    for wrap in (lambda y: (y, y.sum()), lambda y: SimpleNamespace(logits=y, extra=1)):
+        outputs = runner(Net(wrap), x, "onnxruntime")()
+        assert len(outputs) == 1 and outputs[0].shape == (2, 3)  # the session's outputs: the logits alone

@@ -367,3 +367,61 @@ def test_export_decisions_time_the_forms_and_the_whole_model():
     whole = decisions["whole"]
     assert whole is None or (whole["dense_ms"] > 0 and whole["thin_ms"] > 0)
     assert rel_err(small(x), model(x)) < 1e-4
+
+
+HF_STYLE_MODEL = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Output:  # as Hugging Face's outputs: the logits beside other things
+    logits: torch.Tensor
+    tokens: torch.Tensor
+
+
+class Net(nn.Module):
+    """Patches, one attention layer, mean pooling; returns an Output, or (logits, tokens) with as_tuple."""
+
+    def __init__(self, num_classes, in_channels, as_tuple=False):
+        super().__init__()
+        self.patches = nn.Conv2d(in_channels, 32, 4, stride=4)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, num_classes)
+        self.as_tuple = as_tuple
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        logits = self.head(tokens.mean(1))
+        return (logits, tokens) if self.as_tuple else Output(logits, tokens)
+'''
+
+
+@pytest.mark.parametrize("as_tuple", [False, True], ids=["output-object", "tuple"])
+def test_a_model_returning_an_output_object_or_a_tuple_runs_through_the_tool(tmp_path, capsys, as_tuple):
+    """A model whose forward returns an object with `.logits` (or a tuple, logits first), with an attention layer:
+    every stage runs, the attention's projections are decomposed and pruned, and the exports give the logits."""
+    (tmp_path / "hfnet.py").write_text(HF_STYLE_MODEL)
+    args = ["run", "data=synthetic", f"model={tmp_path}/hfnet.py:Net", "train_epochs=1", "sparsify_epochs=1",
+            "finetune_epochs=1", "energy=0.3", "progress=false", "latency_repeats=3", "latency_backends=eager",
+            "export_strategy=flops", "batch_size=64", f"out_dir={tmp_path}/runs"]
+    if as_tuple:
+        args.append("model_args={as_tuple=true}")
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err[-2000:]
+    (folder,) = (tmp_path / "runs").iterdir()
+    report = json.loads((folder / "report.json").read_text())
+    assert report["final"]["accuracy"] > 0 and report["final"]["flops"] < report["dense"]["flops"]
+    names = {row["name"] for row in report["layers"]}
+    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"} <= names
+    small = load_exported(folder, trust_code=True)
+    x = torch.randn(2, 1, 12, 12)  # synthetic images
+    with torch.no_grad():
+        logits = small(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape[0] == 2
+    assert (folder / "export" / "model.onnx").is_file()
+    program = torch.export.load(folder / "export" / "model.pt2")  # exported at batch 1
+    assert rel_err(program.module()(x[:1]), logits[:1]) <= 1e-4

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from torch import nn
 
+from svdtrain.stats import logits_of
+
 
 class BasicBlock(nn.Module):
     """Two 3×3 convs; a 1×1 conv projection on the shortcut when the shape changes (He et al. 2016)."""
@@ -294,6 +296,27 @@ def build_user_model(name: str, num_classes: int, in_channels: int, image_size: 
         raise ModelError(f"model {name!r} failed with arguments {args}: {one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name!r} returned {type(model).__name__!r}; allowed: a torch.nn.Module")
+    return returning_logits(model)
+
+
+_RETURNING_LOGITS: dict[type, type] = {}
+
+
+def returning_logits(model: nn.Module) -> nn.Module:
+    """`model`, its forward returning the logits alone where it returns a tuple/list (logits first) or an object
+    with `.logits` (Hugging Face's outputs); a tensor passes through. The same instance, of a subclass with that
+    forward: its parameter names, its state_dict and isinstance checks stay as they were."""
+    cls = type(model)
+    if cls in _RETURNING_LOGITS.values():  # a model built before, returned again
+        return model
+    if cls not in _RETURNING_LOGITS:
+        def forward(self, *args, **kwargs):
+            return logits_of(super(subclass, self).forward(*args, **kwargs))
+
+        subclass = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                               "__qualname__": cls.__qualname__})
+        _RETURNING_LOGITS[cls] = subclass
+    model.__class__ = _RETURNING_LOGITS[cls]
     return model
 
 

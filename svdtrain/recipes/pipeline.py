@@ -181,7 +181,8 @@ class Run:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != wanted:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise ModelError(f"model {cfg.model!r} returned {got} for {len(example)} {cfg.data} images; allowed: "
-                             f"logits of shape {wanted} ({self.data.num_classes} classes)")
+                             f"logits of shape {wanted} ({self.data.num_classes} classes), as they are, first in a "
+                             "tuple, or as an output's `.logits`")
         if cfg.method in FILTER_METHODS:
             self.filter_prune(model)  # raises when the budget is out of reach
         else:
