@@ -71,6 +71,9 @@ class _Logits(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
+        # The exporter restores the wrapper's mode recursively afterwards; a new module is in
+        # training mode, which would leave `module` training (batch statistics in its batch norms).
+        self.train(module.training)
 
     def forward(self, x):
         return logits_of(self.module(x))

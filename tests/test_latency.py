@@ -320,3 +320,20 @@ def test_a_model_returning_a_tuple_or_an_output_object_is_timed_on_onnx_runtime(
     for wrap in (lambda y: (y, y.sum()), lambda y: SimpleNamespace(logits=y, extra=1)):
         outputs = runner(Net(wrap), x, "onnxruntime")()
         assert len(outputs) == 1 and outputs[0].shape == (2, 3)  # the session's outputs: the logits alone
+
+
+def test_timing_on_onnx_runtime_leaves_the_model_in_eval_mode():
+    """The exporter restores the exported module's mode afterwards: the model must not end up training
+    (its batch norms would then use batch statistics in every later forward)."""
+    pytest.importorskip("onnxruntime")
+    from svdtrain.latency import runner
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model[1].running_mean.fill_(5.0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    runner(model, x, "onnxruntime")()
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-6)
