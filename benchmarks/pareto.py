@@ -71,6 +71,7 @@ METHODS = {
     "svd_gradual": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial",
                     "prune_cuts": 8},
     "truncated_svd": {"method": "truncated_svd", "decomposition": "channel"},
+    "whitened_svd": {"method": "whitened_svd", "decomposition": "channel"},
     "trp": {"method": "trp", "decomposition": "channel", "trp_energy": 0.1, "trp_period": 20, "trp_nuclear": 3e-4},
     "filter_pruning": {"method": "filter_pruning"},
     # DepGraph's group sparsity learning (Torch-Pruning's GroupNormPruner, its reg) during the compress phase,
@@ -86,7 +87,7 @@ METHODS = {
 # The paper's one-cut recipe (svd) is left out of the default sweep for time (--methods adds it): the
 # ablation's "one cut after sparsify" row measures that lever on every sweep.
 DEFAULT_METHODS = ("svd_gradual", "truncated_svd", "trp", "filter_pruning", "group_sl")
-BASELINES = ("truncated_svd", "trp", "filter_pruning", "group_sl")
+BASELINES = ("truncated_svd", "whitened_svd", "trp", "filter_pruning", "group_sl")
 FILTER_BASELINES = ("filter_pruning", "group_sl")  # the speed bars hold against the better of the two
 # The speed axis: points are speed targets (target_speedup) measured on the deployment, with the tool's
 # deployment settings (ranks in the multiples the backend runs well, each layer in its faster form).
@@ -105,7 +106,7 @@ EXACT = {"rank_multiple": 1, "export_strategy": "flops"}
 # On the speed axis, the rounding each method's structure allows is a setting like any other, tried on the
 # validation split: ranks in multiples of 8 instead of prune_'s default (16 for most layers), channel counts
 # in multiples of 8 (Torch-Pruning's round_to) instead of any count.
-ROUNDING = {"svd_gradual": {"rank_multiple": 8}, "truncated_svd": {"rank_multiple": 8},
+ROUNDING = {"svd_gradual": {"rank_multiple": 8}, "truncated_svd": {"rank_multiple": 8}, "whitened_svd": {"rank_multiple": 8},
             "filter_pruning": {"round_to": 8}, "group_sl": {"round_to": 8}}
 # The tuning budget, the same for every method: its own settings above, one alternative of its own,
 # and fine-tuning at a lower lr (for a model that is still accurate after its cut, the default 3e-4
@@ -118,6 +119,7 @@ ALTERNATIVES = {
     "svd_spatial": {"lambda_s": 0.03},
     "svd_gradual": {"finetune_lr": 3e-5},
     "truncated_svd": {"finetune_lr": 1e-3},
+    "whitened_svd": {"finetune_lr": 1e-3},
     "trp": {"trp_energy": 0.2},
     "filter_pruning": {"finetune_lr": 1e-3},
     "group_sl": {"group_sl_reg": 1e-4},

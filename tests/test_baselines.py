@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import svdtrain
 from conftest import rel_err
@@ -121,8 +122,10 @@ def test_method_settings_are_validated():
         RunConfig(method="trp", train_mode="svd")
     with pytest.raises(ConfigError, match="prune_flops=FRACTION or target_speedup"):
         RunConfig(method="filter_pruning", target_speedup=0.0)
-    with pytest.raises(ConfigError, match="allowed: svd, truncated_svd, trp, filter_pruning, group_sl"):
+    with pytest.raises(ConfigError, match="allowed: svd, truncated_svd, whitened_svd, trp, filter_pruning, group_sl"):
         RunConfig(method="magic")
+    with pytest.raises(ConfigError, match="allowed: decomposition=channel"):
+        RunConfig(method="whitened_svd", decomposition="spatial")
 
 
 def load_pareto():
@@ -240,3 +243,48 @@ def test_tuning_picks_among_settings_that_reached_the_target():
     assert pareto.best([slow, fast, out]) == 1
     assert pareto.best([out, slow, {**slow, "validation_accuracy": 89.0}]) == 1
     assert pareto.best([fast, {**fast}]) == 0  # a tie keeps the first
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(24, 16), (64, 24)),
+                                         (lambda: nn.Conv2d(6, 8, 3, padding=1, groups=2), (8, 6, 5, 5))],
+                         ids=["linear", "grouped-conv"])
+def test_whitened_svd_keeps_the_function_and_truncates_by_output_error(make, shape):
+    """SVD-LLM's whitening: at full rank the layer computes the same function (rel. error ≤ 1e-5); truncated, the
+    output error on the calibration inputs is the root of the discarded whitened s² (≤ 1e-3 relative), which is the
+    least any rank-r weight reaches there: below plain truncated SVD's."""
+    from svdtrain.recipes.baselines import input_covariances, whiten_
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(make())
+    mixing = torch.randn(shape[1], shape[1]) * torch.logspace(0, -2, shape[1])  # strongly correlated inputs
+    x = torch.einsum("bc...,cd->bd...", torch.randn(shape), mixing)
+    plain, whitened = copy.deepcopy(dense), copy.deepcopy(dense)
+    svdtrain.decompose_(plain)
+    svdtrain.decompose_(whitened)
+    assert whiten_(whitened, input_covariances(whitened, [x])) == ["0"]
+    with torch.no_grad():
+        expected = dense(x)
+        assert rel_err(whitened(x), expected) <= 1e-5
+        s = whitened[0].s.detach().flatten(-1).clone()
+        for model in (plain, whitened):
+            model[0].truncate_(3)
+        error = lambda model: (model(x) - expected).norm().item()  # noqa: E731
+        discarded = s.sort(descending=True).values[..., 3:].square().sum().sqrt().item()
+        assert error(whitened) == pytest.approx(discarded, rel=1e-3)
+        assert error(whitened) < 0.9 * error(plain)
+
+
+def test_whitened_svd_runs_through_the_tool(tmp_path, capsys):
+    from svdtrain.cli import main
+
+    args = ["run", "data=synthetic", "model=resnet20", "method=whitened_svd", "decomposition=channel",
+            "target_speedup=0", "prune_flops=0.5", "prune_cuts=0", "train_epochs=1", "sparsify_epochs=1",
+            "finetune_epochs=1", "whiten_images=64", "progress=false", "latency_repeats=3",
+            "latency_backends=eager", "export_strategy=flops", "batch_size=64", f"out_dir={tmp_path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "whitened SVD: 21 of 21 layers, by the input covariance over 64 training images" in out
+    (folder,) = tmp_path.iterdir()
+    report = json.loads((folder / "report.json").read_text())
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.001
+    assert len((folder / "finetune" / "log.csv").read_text().splitlines()) == 1 + 2  # 1 + 1 epochs of fine-tuning

@@ -1,6 +1,10 @@
 """The methods SVD training is compared with (METHOD.md §6), as pieces the pipeline stages call.
 
 - truncated_svd: dense → per-layer SVD truncated by energy or to a FLOPs budget → fine-tune.
+- whitened_svd (SVD-LLM's truncation-aware whitening, Wang et al. 2024): as truncated_svd, but each layer's
+  SVD is of W·S, S the Cholesky factor of its input covariance (S·Sᵀ = X·Xᵀ over calibration images), so
+  that the smallest singular values are those whose loss changes the layer's output least; the factors are
+  un-whitened after (V ← S⁻ᵀ·V).
 - trp (Trained Rank Pruning, Xu et al. 2020): dense training in which every
   `trp_period` steps each weight is replaced by its energy-truncated SVD, with a
   nuclear-norm regularizer; then truncation and fine-tuning.
@@ -15,16 +19,20 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import svdtrain
 from svdtrain.decompose import select_layers, split_attention_
 from svdtrain.export import TIE
+from svdtrain.layers import SVDConv, SVDLinear, svd_layers
 from svdtrain.latency import paired_timing, runner
 from svdtrain.prune import rank_for_energy, tail_energy
 
-METHODS = ("svd", "truncated_svd", "trp", "filter_pruning", "group_sl")
+METHODS = ("svd", "truncated_svd", "whitened_svd", "trp", "filter_pruning", "group_sl")
 FILTER_METHODS = ("filter_pruning", "group_sl")  # they remove channels: the model stays dense
+# No training phase of their own: they fine-tune for the sparsify epochs too, so every method gets as many epochs.
+ONE_SHOT_METHODS = ("truncated_svd", "whitened_svd", "filter_pruning")
 
 
 def _matrices(layer: nn.Module) -> torch.Tensor:
@@ -52,6 +60,69 @@ def trp_truncate_(layers: list[nn.Module], energy: float):
         u, s, vh = torch.linalg.svd(_matrices(layer).double(), full_matrices=False)
         r = rank_for_energy(tail_energy(s), energy)
         layer.weight.copy_(((u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]).reshape(layer.weight.shape))
+
+
+def _matrix_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The columns the layer's weight matrix multiplies, as (groups, rows, b): a Linear's input vectors, a 2-D
+    channel-wise convolution's input patches (c/g·kh·kw each, as its weight is matricised); None for a layer whose
+    matrix has no such columns (spatial-wise, 1-D and 3-D convolutions)."""
+    if isinstance(layer, SVDLinear):
+        return x.reshape(1, -1, x.shape[-1])
+    if isinstance(layer, SVDConv) and layer.decomposition == "channel" and layer.dims == 2:
+        geometry = layer._dense_geometry
+        mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+        patches = F.unfold(F.pad(x, geometry._fpad, mode=mode), layer.kernel_size, layer.dilation, 0, layer.stride)
+        g = layer.groups
+        return patches.reshape(x.shape[0], g, -1, patches.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, layer._b)
+    return None
+
+
+@torch.no_grad()
+def input_covariances(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """{layer name: X·Xᵀ (groups, b, b), float64} of each SVD layer's matrix inputs over `batches` (model in eval
+    mode; its mode is restored)."""
+    sums, hooks = {}, []
+    for name, layer in svd_layers(model):
+        def add(module, args, name=name):
+            columns = _matrix_inputs(module, args[0].double())
+            if columns is not None:
+                sums[name] = sums.get(name, 0) + columns.mT @ columns
+        hooks.append(layer.register_forward_pre_hook(add))
+    training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return sums
+
+
+@torch.no_grad()
+def whiten_(model: nn.Module, covariances: dict[str, torch.Tensor]) -> list[str]:
+    """Set each SVD layer with a covariance C to the SVD of W·S (S·Sᵀ = C, Cholesky), un-whitened: U, s from it and
+    V ← S⁻ᵀ·V, so W = U·diag(s)·Vᵀ still (V is no longer orthonormal) and truncating the smallest |s| removes
+    the least of the layer's output on those inputs (SVD-LLM). Full rank kept; returns the names whitened."""
+    done = []
+    for name, layer in svd_layers(model):
+        if name not in covariances:
+            continue
+        c = covariances[name]
+        # A covariance is only semi-definite (fewer samples than columns, dead inputs): a little ridge, as
+        # SVD-LLM adds, makes it invertible without moving its large directions.
+        ridge = 1e-6 * c.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+        s_factor = torch.linalg.cholesky(c + ridge * torch.eye(c.shape[-1], dtype=c.dtype, device=c.device))
+        matrix = ((layer.U.double() * layer.s.double().unsqueeze(-2)) @ layer.V.double().mT)
+        u, s, vh = torch.linalg.svd(matrix.reshape(layer.groups, layer._a, layer._b) @ s_factor, full_matrices=False)
+        v = torch.linalg.solve_triangular(s_factor.mT, vh.mT, upper=True)
+        r, squeeze = layer.rank, (lambda t: t if layer.groups > 1 else t[0])
+        layer.U.copy_(squeeze(u[..., :r]))
+        layer.s.copy_(squeeze(s[..., :r]))
+        layer.V.copy_(squeeze(v[..., :r]))
+        done.append(name)
+    return done
 
 
 def _torch_pruning():

@@ -129,6 +129,8 @@ class RunConfig:
         "round_to: sizes the backend runs well); 0 = any count")))
     group_sl_reg: float = field(default=5e-4, metadata=_range(0, low_open=True, doc=(
         "group_sl: strength of the group sparsity learning during sparsify (Torch-Pruning's reg)")))
+    whiten_images: int = field(default=2048, metadata=_range(1, doc=(
+        "whitened_svd: training images over which each layer's input covariance is measured")))
     trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
     trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
     trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,
@@ -202,6 +204,9 @@ class RunConfig:
             raise ConfigError("train_epochs=0 needs dense_checkpoint=PATH (a dense state_dict to start from)")
         if self.method != "svd" and self.train_mode != "dense":
             raise ConfigError(f"method={self.method} starts from a dense model; allowed: train_mode=dense")
+        if self.method == "whitened_svd" and self.decomposition != "channel":
+            raise ConfigError("method=whitened_svd whitens a layer's matrix by the covariance of its inputs, which "
+                              "channel-wise matrices have (a conv's input patches); allowed: decomposition=channel")
         if self.method in FILTER_METHODS and not (self.prune_flops or self.target_speedup):
             raise ConfigError(f"method={self.method} needs prune_flops=FRACTION or target_speedup=S (the budget of "
                               "the pruned model)")

@@ -36,7 +36,8 @@ from svdtrain.prune import PruneReport
 
 from svdtrain.config import name_matches
 
-from .baselines import FILTER_METHODS, filter_prune_, group_sparsity_pruner, resize_to_state_
+from .baselines import (FILTER_METHODS, ONE_SHOT_METHODS, filter_prune_, group_sparsity_pruner, input_covariances,
+                        resize_to_state_, whiten_)
 from .config import ConfigError, RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
@@ -440,16 +441,19 @@ class Run:
         return [module for name, module in model.named_modules()
                 if name and name_matches(name, self.cfg.exclude_modules)]
 
-    def recalibrate_bn(self, model: nn.Module) -> int:
-        """Batch-norm statistics re-estimated on `bn_recalibrate` training images (no augmentation, a fixed
-        seeded draw); returns the number of layers recalibrated."""
-        cfg = self.cfg
-        if not cfg.bn_recalibrate:
-            return 0
-        batches = self.data.batches(self.data.train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
-                                    max_batches=-(-cfg.bn_recalibrate // cfg.batch_size))
+    def calibration_batches(self, model: nn.Module, images: int):
+        """About `images` training images (no augmentation, a fixed seeded draw), in batches on the model's device."""
+        batches = self.data.batches(self.data.train, self.cfg.batch_size, torch.Generator().manual_seed(self.cfg.seed),
+                                    max_batches=-(-images // self.cfg.batch_size))
         device = next(model.parameters()).device
-        return svdtrain.recalibrate_bn(model, (x.to(device) for x, _ in batches))
+        return (x.to(device) for x, _ in batches)
+
+    def recalibrate_bn(self, model: nn.Module) -> int:
+        """Batch-norm statistics re-estimated on `bn_recalibrate` training images; returns the number of layers
+        recalibrated."""
+        if not self.cfg.bn_recalibrate:
+            return 0
+        return svdtrain.recalibrate_bn(model, self.calibration_batches(model, self.cfg.bn_recalibrate))
 
 
 def _check_writable(folder: Path, needed: int):
@@ -535,6 +539,10 @@ def stage_prune(run: Run) -> dict:
         return result
     if not svd_layers(model):
         run.decompose(model, init="svd")
+    if cfg.method == "whitened_svd":
+        whitened = whiten_(model, input_covariances(model, run.calibration_batches(model, cfg.whiten_images)))
+        run.echo(f"whitened SVD: {len(whitened)} of {len(svd_layers(model))} layers, by the input covariance over "
+                 f"{cfg.whiten_images} training images")
     speed = {}
     if cfg.target_speedup and cfg.prune_cuts:
         # The gradual cuts aimed at the target by predicted latency; measured, the model may already meet it, and a
@@ -594,11 +602,11 @@ def _recalibrated(run: Run, model: nn.Module) -> dict:
 
 def stage_finetune(run: Run) -> dict:
     """Fine-tune the pruned model: svd with orthogonality only; baselines without regularizers. Methods that
-    have no sparsify phase (truncated_svd, filter_pruning) fine-tune for sparsify_epochs + finetune_epochs,
+    have no sparsify phase (truncated_svd, whitened_svd, filter_pruning) fine-tune for sparsify_epochs + finetune_epochs,
     so every method gets the same number of epochs after the dense model."""
     cfg = run.cfg
     model = run.model_after("prune")
-    epochs = cfg.finetune_epochs + (cfg.sparsify_epochs if cfg.method in ("truncated_svd", "filter_pruning") else 0)
+    epochs = cfg.finetune_epochs + (cfg.sparsify_epochs if cfg.method in ONE_SHOT_METHODS else 0)
     started = time.perf_counter()
     accuracy = run.fit(model, "finetune", epochs, cfg.finetune_lr, cfg.lambda_o if cfg.method == "svd" else 0.0, 0.0)
     result = {"form": "svd" if svd_layers(model) else "dense", "accuracy": accuracy,
