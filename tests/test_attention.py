@@ -175,3 +175,26 @@ def test_transformer_encoder_projections_carry_nearly_all_linear_flops():
     assert svd_flops >= 0.95 * sum(r["flops"] for r in rows)
     assert {r["name"] for r in rows} >= {f"0.layers.{i}.self_attn.{p}" for i in range(3)
                                          for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def test_the_tools_vision_transformer_is_decomposed_pruned_and_exported_to_onnx():
+    """The tool's ViT (torchvision's block layout: ln_1, self_attention, ln_2, mlp): ≥ 95 % of its
+    Linear/projection FLOPs in SVD form, the export within 1e-4 of the pruned model, in ONNX Runtime too."""
+    ort = pytest.importorskip("onnxruntime")
+    from svdtrain.recipes.models import ViT
+
+    torch.manual_seed(0)
+    model = ViT(10, 1, 28, width=32, depth=2, heads=4, mlp_width=64).eval()
+    x = torch.randn(2, 1, 28, 28)
+    decompose_(model, SVDConfig(exclude_modules=("head",)))
+    rows = summary(model, x).rows
+    assert sum(r["flops"] for r in rows if r["rank"] != "dense") >= 0.95 * sum(r["flops"] for r in rows)
+    prune_(model, energy=0.3)
+    small = export(model, x)
+    with torch.no_grad():
+        expected = model(x)
+        assert rel_err(small(x), expected) <= 1e-4
+    buffer = io.BytesIO()
+    torch.onnx.export(small, (x,), buffer, dynamo=False, input_names=["x"])
+    out = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.abs(out - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()

@@ -36,7 +36,7 @@ def test_bad_depths_and_names():
     with pytest.raises(ValueError, match="12×12"):
         build_model("lenet5", 10, 1, 8)
     assert set(MODELS) >= {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34",
-                           "resnet50", "lenet300", "lenet5"}
+                           "resnet50", "lenet300", "lenet5", "vit"}
 
 
 USER_MODEL = '''

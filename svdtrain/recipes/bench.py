@@ -98,7 +98,13 @@ LATENCY_MODELS = {  # name: (builder arguments, input shape without batch, rank 
     "resnet20": ((10, 3, 32), (3, 32, 32), 8),
     "resnet50": ((1000, 3, 224), (3, 224, 224), None),
     "lenet300": ((10, 1, 28), (1, 28, 28), 8),
+    "vit_b16": ((1000, 3, 224), (3, 224, 224), None),
 }
+# A model timed at its own points, (FLOPs level, batch), instead of every level × batch: ViT-B/16 at half its FLOPs
+# at batch 8 (its bar) and 1 (each forward takes seconds on 2 cores).
+MODEL_POINTS = {"vit_b16": [(0.5, 8), (0.5, 1)]}
+BAR_NEEDS = {"resnet50": {"onnxruntime": 2.6, "compiled": 2.6, "eager": 2.2, "eager_prepared": 2.2},
+             "vit_b16": {"onnxruntime": 1.6}}
 
 
 def _compare(dense_runner, small: nn.Module, x: torch.Tensor, backend: str, budget_s: float) -> dict:
@@ -108,13 +114,18 @@ def _compare(dense_runner, small: nn.Module, x: torch.Tensor, backend: str, budg
             "speedup_iqr": timed["speedup_iqr"], "repeats": timed["repeats"]}
 
 
-def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35), batches=(1, 32),
+CNN_MODELS = ("resnet20", "resnet50", "lenet300")
+
+
+def latency(models=CNN_MODELS, levels=(0.6, 0.45, 0.35), batches=(1, 32),
             backends=("eager", "eager_prepared", "compiled", "onnxruntime"), bar_batch: int = 8,
             rank_multiple: int | None = None,
-            threads: int = 2, budget_s: float = 3.0,
-            out: Path = ROOT / "benchmarks" / "results" / "latency.json", results: Path | None = None,
+            threads: int = 2, budget_s: float = 3.0, out: Path | None = None, results: Path | None = None,
             command: str = "svdtrain bench latency") -> dict:
     """Measured speed-up of exported models over their dense originals, per model, FLOPs level, batch, backend.
+
+    The default models write benchmarks/results/latency.json and RESULTS.md's "latency" section; another set
+    (e.g. the transformer, vit_b16) its own, latency_<models>.json and section, so that neither overwrites the other.
 
     Each model (random weights, decomposed channel-wise except its classifier) is pruned to each FLOPs
     level with ranks rounded to `rank_multiple` (default: per model, LATENCY_MODELS), then exported with
@@ -122,6 +133,8 @@ def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35
     dense model alternately on it. "eager_prepared" and "compiled" prepare both models the same way.
     """
     torch.set_num_threads(threads)
+    section = "latency" if tuple(models) == CNN_MODELS else "latency_" + "_".join(models)
+    out = out or ROOT / "benchmarks" / "results" / f"{section}.json"
     records = []
     started = time.perf_counter()
     for name in models:
@@ -134,7 +147,7 @@ def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35
         svdtrain.decompose_(base, svdtrain.SVDConfig(exclude_modules=exclude))
         x1 = torch.randn(1, *shape)
         dense_flops = svdtrain.count_flops(dense, x1)
-        points = [(level, batch) for level in levels for batch in batches]
+        points = MODEL_POINTS.get(name) or [(level, batch) for level in levels for batch in batches]
         if name == "resnet50":
             points.append((1 / 3, bar_batch))
         pruned, dense_runners = {}, {}
@@ -165,27 +178,30 @@ def latency(models=("resnet20", "resnet50", "lenet300"), levels=(0.6, 0.45, 0.35
                       f"  measured ×{record['speedup']:.2f} (IQR {record['speedup_iqr'][0]:.2f}–"
                       f"{record['speedup_iqr'][1]:.2f})  {record['dense_ms']:.2f} → {record['ms']:.2f} ms  "
                       f"efficiency {record['efficiency']:.2f}  thin {thin}/{len(layout)}", flush=True)
-    result = {"benchmark": "latency", "command": command, "levels": list(levels), "batches": list(batches),
+    result = {"benchmark": "latency", "command": command, "models": list(models), "levels": list(levels),
+              "batches": list(batches),
               "bar_batch": bar_batch, "backends": list(backends), "points": records,
               "wall_s": time.perf_counter() - started, "environment": _environment(threads)}
-    bar = [r for r in records if r["model"] == "resnet50" and r["batch"] == bar_batch]
     result["bars"] = {
         "every_point_at_least_0.97": all(r["speedup"] >= 0.97 for r in records),
         "slowest_point": min(records, key=lambda r: r["speedup"]) if records else None,
-        "resnet50_batch8": {r["backend"]: {"flops_speedup": r["flops_speedup"], "speedup": r["speedup"],
-                                           "efficiency": r["efficiency"]} for r in bar},
+        **{f"{model}_batch8": {r["backend"]: {"flops_speedup": r["flops_speedup"], "speedup": r["speedup"],
+                                              "efficiency": r["efficiency"]}
+                               for r in records if r["model"] == model and r["batch"] == bar_batch}
+           for model in BAR_NEEDS if model in models},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=2) + "\n")
     if results is not None:
-        write_section(results, "latency", _latency_markdown(result))
+        write_section(results, section, _latency_markdown(result))
     return result
 
 
 def _latency_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        "## Real speed of exported models (`svdtrain bench latency`)",
+        "## Real speed of exported models (`svdtrain bench latency"
+        + ("`)" if tuple(result["models"]) == CNN_MODELS else f" --models {','.join(result['models'])}`)"),
         "",
         f"Command: `{result['command']}` — {env['machine']}, {env['threads']} threads, torch {env['torch']}, "
         f"{result['wall_s'] / 60:.0f} min wall.",
@@ -218,9 +234,10 @@ def _latency_markdown(result: dict) -> str:
               f"- every point ≥ 0.97×: **{'met' if bars['every_point_at_least_0.97'] else 'not met'}** (slowest: "
               + (f"{slow['model']} level {slow['flops_level']:.2f} batch {slow['batch']} {slow['backend']} "
                  f"{slow['speedup']:.2f}×)" if slow else "—)")]
-    need = {"onnxruntime": 2.6, "compiled": 2.6, "eager": 2.2, "eager_prepared": 2.2}
-    for backend, r in bars["resnet50_batch8"].items():
-        lines.append(f"- ResNet-50, batch {result['bar_batch']}, FLOPs ÷{r['flops_speedup']:.2f}, {backend}: "
-                     f"×{r['speedup']:.2f} (efficiency {r['efficiency']:.2f}; bar ≥ {need[backend]}×: "
-                     f"**{'met' if r['speedup'] >= need[backend] else 'not met'}**)")
+    for model, needs in BAR_NEEDS.items():
+        for backend, r in bars.get(f"{model}_batch8", {}).items():
+            if backend in needs:
+                lines.append(f"- {model}, batch {result['bar_batch']}, FLOPs ÷{r['flops_speedup']:.2f}, {backend}: "
+                             f"×{r['speedup']:.2f} (efficiency {r['efficiency']:.2f}; bar ≥ {needs[backend]}×: "
+                             f"**{'met' if r['speedup'] >= needs[backend] else 'not met'}**)")
     return "\n".join(lines + [""])
