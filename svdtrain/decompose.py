@@ -67,10 +67,12 @@ class DecomposeReport:
 def _chooser(model: nn.Module, config: SVDConfig, filter_fn: Callable[[nn.Module, str], bool] | None):
     """`why_not(module, fqn, parent=None)`: why `decompose_` leaves a layer of `model` dense, or None. A projection
     of an attention layer is also matched by the attention's own name (`parent`)."""
-    owners: dict[int, dict[int, str]] = {}  # parameter -> {owning module: its name}
+    # parameter -> (the parameter, {owning module: its name}). Holding the parameter keeps its id from being
+    # reused: a module made later (an attention's fresh projections) could otherwise be taken for its owner.
+    owners: dict[int, tuple[nn.Parameter, dict[int, str]]] = {}
     for fqn, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
-            owners.setdefault(id(p), {}).setdefault(id(m), fqn)
+            owners.setdefault(id(p), (p, {}))[1].setdefault(id(m), fqn)
 
     def why_not(module: nn.Module, fqn: str, parent: str | None = None) -> str | None:
         names = (fqn,) if parent is None else (fqn, parent)
@@ -83,7 +85,7 @@ def _chooser(model: nn.Module, config: SVDConfig, filter_fn: Callable[[nn.Module
         if isinstance(module, (nn.Linear, *_CONVS)) and type(module).forward not in (nn.Linear.forward,
                                                                                      *(c.forward for c in _CONVS)):
             return f"{type(module).__name__} overrides forward; its behaviour would be lost"
-        tied = [name for owner, name in owners.get(id(module.weight), {}).items() if owner != id(module)]
+        tied = [name for owner, name in owners.get(id(module.weight), (None, {}))[1].items() if owner != id(module)]
         if tied:
             return f"weight shared with {', '.join(sorted(set(tied)))}"
         if isinstance(module, _CONVS) and module.groups > 1 and module.in_channels == module.groups:

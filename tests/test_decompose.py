@@ -153,3 +153,19 @@ def test_config_is_frozen_and_serialisable():
                                 "exclude_modules": ()}
     with pytest.raises(Exception):
         config.init = "random"
+
+
+def test_a_layer_made_after_the_choice_is_never_taken_for_a_freed_layers_tied_weight():
+    """decompose_ decides "weight shared with …" by parameter identity. A module made during the walk (an
+    attention's fresh projections) must not inherit the owner of a parameter freed earlier in it, whose id
+    Python may reuse: that left a ViT's last attention unsplit, at random, in a run."""
+    import gc
+
+    from svdtrain.decompose import _chooser
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    why_not = _chooser(model, SVDConfig(), None)
+    model[0] = nn.Linear(3, 3)  # the first layer and its parameters are released
+    gc.collect()
+    fresh = [nn.Linear(3, 3) for _ in range(200)]  # new parameters, some where the freed ones were
+    assert [why_not(layer, "fresh") for layer in fresh] == [None] * len(fresh)
