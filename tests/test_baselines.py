@@ -126,6 +126,9 @@ def test_method_settings_are_validated():
         RunConfig(method="magic")
     with pytest.raises(ConfigError, match="allowed: decomposition=channel"):
         RunConfig(method="whitened_svd", decomposition="spatial")
+    for method, decomposition in (("svd", "spatial"), ("truncated_svd", "channel")):
+        with pytest.raises(ConfigError, match="allowed: method=svd with decomposition=channel, or rank_score=size"):
+            RunConfig(method=method, decomposition=decomposition, rank_score="output")
 
 
 def load_pareto():
@@ -274,6 +277,46 @@ def test_whitened_svd_keeps_the_function_and_truncates_by_output_error(make, sha
         assert error(whitened) < 0.9 * error(plain)
 
 
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Linear(12, 10), (256, 12)),
+                                        (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=2), (16, 8, 6, 6))],
+                         ids=["linear", "grouped-conv"])
+def test_weighing_by_inputs_keeps_the_function_and_cuts_by_output(make, shape):
+    """rank_score=output: weighed, the layer computes the same function (rel. error ≤ 1e-5) and each |s_i| is the
+    size of its component's output on the inputs, so a cut by size loses exactly the discarded output energy
+    (≤ 1e-3 relative), the least any cut of these components loses: never more than cutting the smallest s, and
+    under half of it where the inputs are largest along the smallest s's directions (the Linear here). Unweighed,
+    V's columns are unit again (≤ 1e-5), same function."""
+    from svdtrain.recipes.baselines import input_covariances, unweigh_, weigh_by_inputs_
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(make())
+    plain, weighed = copy.deepcopy(dense), copy.deepcopy(dense)
+    svdtrain.decompose_(plain)
+    svdtrain.decompose_(weighed)
+    if isinstance(dense[0], nn.Linear):  # inputs along V's columns, scaled by 1/s²: the smallest s matter most
+        layer = plain[0]
+        x = (torch.randn(shape[0], layer.rank) / layer.s.detach().square()) @ layer.V.detach().T
+    else:
+        x = torch.einsum("bc...,cd->bd...", torch.randn(shape), torch.randn(shape[1], shape[1]))
+    assert weigh_by_inputs_(weighed, input_covariances(weighed, [x])) == ["0"]
+    with torch.no_grad():
+        expected = dense(x)
+        assert rel_err(weighed(x), expected) <= 1e-5
+        s = weighed[0].s.detach().clone()
+        for model in (plain, weighed):
+            model[0].truncate_(3)
+        error = lambda model: (model(x) - expected).norm().item()  # noqa: E731
+        discarded = s.abs().sort(descending=True).values[..., 3:].square().sum().sqrt().item()
+        assert error(weighed) == pytest.approx(discarded, rel=1e-3)
+        assert error(weighed) <= error(plain) * (1 + 1e-5)
+        if isinstance(dense[0], nn.Linear):
+            assert error(weighed) < 0.5 * error(plain)
+        before = weighed(x)
+        unweigh_(weighed, ["0"])
+        assert rel_err(weighed(x), before) <= 1e-5
+        assert torch.allclose(weighed[0].V.norm(dim=-2), torch.ones(()), atol=1e-5)
+
+
 def test_whitened_svd_runs_through_the_tool(tmp_path, capsys):
     from svdtrain.cli import main
 
@@ -288,3 +331,30 @@ def test_whitened_svd_runs_through_the_tool(tmp_path, capsys):
     report = json.loads((folder / "report.json").read_text())
     assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.001
     assert len((folder / "finetune" / "log.csv").read_text().splitlines()) == 1 + 2  # 1 + 1 epochs of fine-tuning
+
+
+def test_rank_score_output_weighs_every_cut_in_the_tool(tmp_path, capsys, monkeypatch):
+    """Each gradual cut of a rank_score=output run weighs every channel-wise SVD layer by its inputs first, and
+    leaves V's columns unit after it; the run meets its FLOPs budget."""
+    from svdtrain.cli import main
+    from svdtrain.recipes import pipeline
+
+    calls, original = [], pipeline.weigh_by_inputs_
+
+    def spy(model, covariances):
+        calls.append(original(model, covariances))
+        return calls[-1]
+
+    monkeypatch.setattr(pipeline, "weigh_by_inputs_", spy)
+    args = ["run", "data=synthetic", "model=resnet20", "decomposition=channel", "rank_score=output",
+            "target_speedup=0", "prune_flops=0.5", "prune_cuts=2", "train_epochs=1", "sparsify_epochs=1",
+            "finetune_epochs=1", "whiten_images=64", "progress=false", "latency_repeats=3",
+            "latency_backends=eager", "export_strategy=flops", "batch_size=64", f"out_dir={tmp_path}"]
+    assert main(args) == 0
+    assert len(calls) >= 2 and all(len(names) == 21 for names in calls)  # 2 cuts (+ the prune stage's check)
+    (folder,) = tmp_path.iterdir()
+    model = pipeline.Run.open(folder).model_after("sparsify")
+    for _, layer in svdtrain.layers.svd_layers(model):
+        assert torch.allclose(layer.V.norm(dim=-2), torch.ones(()), atol=1e-4)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.001

@@ -4,7 +4,8 @@
 - whitened_svd (SVD-LLM's truncation-aware whitening, Wang et al. 2024): as truncated_svd, but each layer's
   SVD is of W·S, S the Cholesky factor of its input covariance (S·Sᵀ = X·Xᵀ over calibration images), so
   that the smallest singular values are those whose loss changes the layer's output least; the factors are
-  un-whitened after (V ← S⁻ᵀ·V).
+  un-whitened after (V ← S⁻ᵀ·V). The same measure of a component's output, |s_i|·‖Xᵀv_i‖, can rank what SVD
+  training's cuts remove (rank_score=output: `weigh_by_inputs_`, `unweigh_`).
 - trp (Trained Rank Pruning, Xu et al. 2020): dense training in which every
   `trp_period` steps each weight is replaced by its energy-truncated SVD, with a
   nuclear-norm regularizer; then truncation and fine-tuning.
@@ -123,6 +124,40 @@ def whiten_(model: nn.Module, covariances: dict[str, torch.Tensor]) -> list[str]
         layer.V.copy_(squeeze(v[..., :r]))
         done.append(name)
     return done
+
+
+@torch.no_grad()
+def weigh_by_inputs_(model: nn.Module, covariances: dict[str, torch.Tensor]) -> list[str]:
+    """Rescale each SVD layer with an input covariance C so that |s_i| measures component i's share of the layer's
+    output on those inputs: a_i = √(v_iᵀ·C·v_i), s ← s·a, V ← V/a (W = U·diag(s)·Vᵀ unchanged). With U
+    orthonormal the output's energy is Σ s_i²·a_i², so a cut by size (the energy rule, a budget) then removes
+    the components whose loss changes the output least, as whitened SVD's truncation does, while U and V stay
+    the trained, orthogonal factors. `unweigh_` undoes it after the cut. Returns the names rescaled."""
+    done = []
+    for name, layer in svd_layers(model):
+        if name not in covariances:
+            continue
+        v = layer.V.double() if layer.groups > 1 else layer.V.double()[None]
+        a = ((covariances[name] @ v) * v).sum(-2).clamp_min(0).sqrt()
+        # A direction no input reaches carries no output: a tiny scale ranks it last without dividing by zero.
+        a = a.clamp_min(1e-12 * float(a.max().clamp_min(1e-300)))
+        a = a if layer.groups > 1 else a[0]
+        layer.s.mul_(a.to(layer.s.dtype))
+        layer.V.div_(a.unsqueeze(-2).to(layer.V.dtype))
+        done.append(name)
+    return done
+
+
+@torch.no_grad()
+def unweigh_(model: nn.Module, names: list[str]):
+    """Bring the named SVD layers' V back to unit columns, the norms moved into s (W unchanged): after
+    `weigh_by_inputs_` and a cut, the factors are again U, s, V as training left them, less the cut components."""
+    for name, layer in svd_layers(model):
+        if name not in names:
+            continue
+        norms = layer.V.norm(dim=-2).clamp_min(torch.finfo(layer.V.dtype).tiny)
+        layer.s.mul_(norms)
+        layer.V.div_(norms.unsqueeze(-2))
 
 
 def _torch_pruning():

@@ -130,7 +130,10 @@ class RunConfig:
     group_sl_reg: float = field(default=5e-4, metadata=_range(0, low_open=True, doc=(
         "group_sl: strength of the group sparsity learning during sparsify (Torch-Pruning's reg)")))
     whiten_images: int = field(default=2048, metadata=_range(1, doc=(
-        "whitened_svd: training images over which each layer's input covariance is measured")))
+        "whitened_svd, rank_score=output: training images over which each layer's input covariance is measured")))
+    rank_score: str = field(default="size", metadata=_choice("size", "output", doc=(
+        "svd: which singular values a cut removes: the smallest (size), or those whose removal changes the "
+        "layer's output least on whiten_images training images, |s_i|·‖Xᵀv_i‖ (output; channel-wise only)")))
     trp_period: int = field(default=20, metadata=_range(1, doc="trp: steps between SVD truncations"))
     trp_nuclear: float = field(default=3e-4, metadata=_range(0, doc="trp: nuclear-norm weight"))
     trp_energy: float = field(default=0.1, metadata=_range(0, 1, high_open=True,
@@ -207,6 +210,10 @@ class RunConfig:
         if self.method == "whitened_svd" and self.decomposition != "channel":
             raise ConfigError("method=whitened_svd whitens a layer's matrix by the covariance of its inputs, which "
                               "channel-wise matrices have (a conv's input patches); allowed: decomposition=channel")
+        if self.rank_score == "output" and (self.method != "svd" or self.decomposition != "channel"):
+            raise ConfigError("rank_score=output weighs each singular value by the layer's inputs, which channel-wise "
+                              "matrices have (a conv's input patches), in SVD training's cuts; allowed: method=svd "
+                              "with decomposition=channel, or rank_score=size")
         if self.method in FILTER_METHODS and not (self.prune_flops or self.target_speedup):
             raise ConfigError(f"method={self.method} needs prune_flops=FRACTION or target_speedup=S (the budget of "
                               "the pruned model)")

@@ -37,7 +37,7 @@ from svdtrain.prune import PruneReport
 from svdtrain.config import name_matches
 
 from .baselines import (FILTER_METHODS, ONE_SHOT_METHODS, filter_prune_, group_sparsity_pruner, input_covariances,
-                        resize_to_state_, whiten_)
+                        resize_to_state_, unweigh_, weigh_by_inputs_, whiten_)
 from .config import ConfigError, RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
@@ -367,7 +367,17 @@ class Run:
         target_speedup is a latency budget on the deployment: the ranks are chosen on a CPU copy from per-layer
         times measured on export_backend at export_batch on export_threads, then cut to in `model`. With `reach`
         a latency no ranks are predicted to meet gets the fastest ranks there are (timings wander by a few per
-        cent from cut to cut), else it is an error."""
+        cent from cut to cut), else it is an error. With rank_score=output each singular value counts by its
+        share of the layer's output on whiten_images training images rather than by its size."""
+        if self.cfg.rank_score != "output":
+            return self._prune_by_size(model, fraction, reach)
+        weighed = weigh_by_inputs_(model, input_covariances(model, self.calibration_batches(model, self.cfg.whiten_images)))
+        try:
+            return self._prune_by_size(model, fraction, reach)
+        finally:
+            unweigh_(model, weighed)
+
+    def _prune_by_size(self, model: nn.Module, fraction: float | None, reach: bool) -> PruneReport:
         cfg = self.cfg
         options = dict(min_rank=cfg.min_rank, rank_multiple=cfg.rank_multiple or None)
         if cfg.target_speedup:
