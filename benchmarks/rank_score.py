@@ -3,7 +3,7 @@ its share of the layer's output on training images (|s_i|·‖Xᵀv_i‖, as whi
 
     python benchmarks/rank_score.py        # about 15 minutes on 2 CPU cores, after benchmarks/transformer.py
 
-From the transformer sweep's seed-0 dense ViT (its checkpoint in --work) and with the settings its tuning
+From the transformer sweep's seed-0 dense ViT (its run folder, named in transformer.json) and with the settings its tuning
 picked for svd_gradual (benchmarks/results/transformer.json), the recipe runs with rank_score=size and with
 rank_score=output, at 2× and 3× fewer FLOPs, with two compression seeds each, on the sweep's tuning proxy
 (6,000 training images for the compress and fine-tuning phases) and scored on its validation split (5,000
@@ -37,10 +37,13 @@ def _load(name: str):
 
 def ablation(args) -> dict:
     pareto, transformer = _load("pareto"), _load("transformer")
-    checkpoint = Path(args.work) / "dense-seed0" / "train" / "final.pt"
-    if not checkpoint.is_file():
-        raise SystemExit(f"no dense ViT at {checkpoint}: run benchmarks/transformer.py first (or name its --work)")
+    if not Path(args.sweep).is_file():
+        raise SystemExit(f"no {args.sweep}: run benchmarks/transformer.py first")
     sweep = json.loads(Path(args.sweep).read_text())
+    checkpoint = Path(sweep["dense"]["seeds"][0]["folder"]) / "train" / "final.pt"
+    if not checkpoint.is_file():
+        raise SystemExit(f"no dense ViT at {checkpoint} (the sweep's run folders are not committed): run "
+                         "benchmarks/transformer.py here first")
     recipe = sweep["tuning"]["methods"]["svd_gradual"]["picked"]
     common = dict(data="fashion_mnist", train_subset=args.tune_subset, val_subset=args.val_subset,
                   max_batches=args.max_batches, progress=False, onnx=False, threads=args.threads,
@@ -88,7 +91,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(ROOT / "runs" / "transformer"), help="the transformer sweep's runs")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "transformer"), help="run folders (not committed)")
     parser.add_argument("--sweep", default=str(ROOT / "benchmarks" / "results" / "transformer.json"))
     parser.add_argument("--targets", default="0.5,0.33")
     parser.add_argument("--seeds", type=int, default=2)

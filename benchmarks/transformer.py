@@ -54,18 +54,31 @@ def sweep(args) -> dict:
     pareto = _pareto()
     pareto.METHODS = {name: {**settings, **CHANNEL} for name, settings in pareto.METHODS.items()}
     work = Path(args.work)
+    kept = {}  # seed -> a finished dense run of an earlier sweep in `work` (--keep-dense)
     if work.exists():
-        shutil.rmtree(work)
+        for folder in sorted(work.iterdir()):
+            seed = folder.name.removeprefix("dense-seed").split("-")[0]
+            if args.keep_dense and folder.name.startswith("dense-seed") and (folder / "train" / "result.json").is_file():
+                kept[int(seed)] = folder
+            elif folder.is_dir():
+                shutil.rmtree(folder)
     common = dict(data="fashion_mnist", train_subset=args.train_subset, max_batches=args.max_batches, progress=False,
                   onnx=False,
                   threads=args.threads, latency_repeats=args.latency_repeats, out_dir=str(work), **VIT)
     started = time.perf_counter()
     dense_runs = []
     for seed in range(args.seeds):
+        config = RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs, **pareto.NO_BUDGET,
+                           **common)
+        if seed in kept and Run.open(kept[seed]).cfg.replace(out_dir=config.out_dir) == config:
+            pareto._say(f"dense ViT, seed {seed}: kept from {kept[seed]}")
+            trained = json.loads((kept[seed] / "train" / "result.json").read_text())
+            dense_runs.append({"seed": seed, "accuracy": trained["accuracy"], "wall_s": trained["seconds"],
+                               "folder": str(kept[seed]), "kept": True})
+            continue
         pareto._say(f"dense ViT, seed {seed}")
         t0 = time.perf_counter()
-        run = Run.create(RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs,
-                                   **pareto.NO_BUDGET, **common))
+        run = Run.create(config)
         dense_runs.append({"seed": seed, "accuracy": run_stage(run, "train")["accuracy"],
                            "wall_s": time.perf_counter() - t0, "folder": str(run.folder)})
     checkpoint = str(Path(dense_runs[0]["folder"]) / "train" / "final.pt")
@@ -167,6 +180,8 @@ def main(argv=None):
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "runs" / "transformer"), help="run folders (not committed)")
+    parser.add_argument("--keep-dense", action="store_true",
+                        help="reuse the dense runs an earlier sweep left in --work when their config is this one's")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transformer.json"))
     parser.add_argument("--results", default=str(ROOT / "RESULTS.md"))
     args = parser.parse_args(argv)

@@ -163,8 +163,9 @@ def test_patterns_match_a_projection_by_its_own_name_or_the_attentions():
     assert report.replaced == [] and {r["reason"] for r in report.skipped} == {"add_zero_attn=True is not supported"}
 
 
-def test_transformer_encoder_projections_carry_nearly_all_linear_flops():
-    """The bar: ≥ 95 % of the Linear/attention-projection FLOPs in SVD-form layers after decompose_."""
+def test_transformer_encoder_projections_carry_nearly_all_linear_flops_and_export():
+    """The bar: ≥ 95 % of the Linear/attention-projection FLOPs in SVD-form layers after decompose_; the export
+    matches the pruned model and runs in ONNX Runtime."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, HEADS, 4 * E, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, 3), nn.Linear(E, 10))
@@ -175,6 +176,19 @@ def test_transformer_encoder_projections_carry_nearly_all_linear_flops():
     assert svd_flops >= 0.95 * sum(r["flops"] for r in rows)
     assert {r["name"] for r in rows} >= {f"0.layers.{i}.self_attn.{p}" for i in range(3)
                                          for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    # Pruned and exported: the same function as the pruned model (≤ 1e-4), in ONNX Runtime too.
+    model.eval()
+    prune_(model, energy=0.3)
+    small = export(model, x)
+    assert any(isinstance(m, nn.Sequential) and len(m) == 2 for m in small.modules())  # some thin pairs
+    with torch.no_grad():
+        expected = model(x)
+        assert rel_err(small(x), expected) <= 1e-4
+    ort = pytest.importorskip("onnxruntime")
+    buffer = io.BytesIO()
+    torch.onnx.export(small, (x,), buffer, dynamo=False, input_names=["x"])
+    out = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.abs(out - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()
 
 
 def test_the_tools_vision_transformer_is_decomposed_pruned_and_exported_to_onnx():

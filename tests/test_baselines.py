@@ -284,9 +284,9 @@ def test_weighing_by_inputs_keeps_the_function_and_cuts_by_output(make, shape):
     """rank_score=output: weighed, the layer computes the same function (rel. error ≤ 1e-5) and each |s_i| is the
     size of its component's output on the inputs, so a cut by size loses exactly the discarded output energy
     (≤ 1e-3 relative), the least any cut of these components loses: never more than cutting the smallest s, and
-    under half of it where the inputs are largest along the smallest s's directions (the Linear here). Unweighed,
+    under half of it where the inputs are largest along the smallest s's directions (the Linear here). Normalized,
     V's columns are unit again (≤ 1e-5), same function."""
-    from svdtrain.recipes.baselines import input_covariances, unweigh_, weigh_by_inputs_
+    from svdtrain.recipes.baselines import input_covariances, normalize_v_, weigh_by_inputs_
 
     torch.manual_seed(0)
     dense = nn.Sequential(make())
@@ -312,7 +312,7 @@ def test_weighing_by_inputs_keeps_the_function_and_cuts_by_output(make, shape):
         if isinstance(dense[0], nn.Linear):
             assert error(weighed) < 0.5 * error(plain)
         before = weighed(x)
-        unweigh_(weighed, ["0"])
+        normalize_v_(weighed, ["0"])
         assert rel_err(weighed(x), before) <= 1e-5
         assert torch.allclose(weighed[0].V.norm(dim=-2), torch.ones(()), atol=1e-5)
 
@@ -328,6 +328,11 @@ def test_whitened_svd_runs_through_the_tool(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "whitened SVD: 21 of 21 layers, by the input covariance over 64 training images" in out
     (folder,) = tmp_path.iterdir()
+    from svdtrain.recipes.pipeline import Run
+
+    # Fine-tuning starts from unit columns of V (un-whitened, they are S⁻ᵀ-sized: ~1e-3 on a ViT, which Adam wrecks).
+    for _, layer in svdtrain.layers.svd_layers(Run.open(folder).model_after("prune")):
+        assert torch.allclose(layer.V.norm(dim=-2), torch.ones(()), atol=1e-4)
     report = json.loads((folder / "report.json").read_text())
     assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.001
     assert len((folder / "finetune" / "log.csv").read_text().splitlines()) == 1 + 2  # 1 + 1 epochs of fine-tuning

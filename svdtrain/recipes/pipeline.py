@@ -37,7 +37,7 @@ from svdtrain.prune import PruneReport
 from svdtrain.config import name_matches
 
 from .baselines import (FILTER_METHODS, ONE_SHOT_METHODS, filter_prune_, group_sparsity_pruner, input_covariances,
-                        resize_to_state_, unweigh_, weigh_by_inputs_, whiten_)
+                        normalize_v_, resize_to_state_, weigh_by_inputs_, whiten_)
 from .config import ConfigError, RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
@@ -375,7 +375,7 @@ class Run:
         try:
             return self._prune_by_size(model, fraction, reach)
         finally:
-            unweigh_(model, weighed)
+            normalize_v_(model, weighed)
 
     def _prune_by_size(self, model: nn.Module, fraction: float | None, reach: bool) -> PruneReport:
         cfg = self.cfg
@@ -582,6 +582,8 @@ def stage_prune(run: Run) -> dict:
             run.echo(f"  short of the target: cut to {aim:.3f} of the dense latency (predicted)")
             report = _merged(report, further)
     run.echo(str(report))
+    if cfg.method == "whitened_svd":
+        normalize_v_(model, whitened)  # fine-tuning's scale (see normalize_v_); the same function
     if cfg.prune_cuts and not report.cut:
         run.echo("nothing left to cut: the gradual cuts during sparsify reached the budget")
     run.write_in("prune", "prune_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
