@@ -199,6 +199,9 @@ def latency(models=CNN_MODELS, levels=(0.6, 0.45, 0.35), batches=(1, 32),
 
 def _latency_markdown(result: dict) -> str:
     env = result["environment"]
+    multiples = {r["model"]: r["rank_multiple"] for r in result["points"]}
+    rounding = "; ".join(f"{name}: m = {m}" if m != "default" else f"{name}: none, prune_'s default, 16 on all its layers"
+                         for name, m in multiples.items())
     lines = [
         "## Real speed of exported models (`svdtrain bench latency"
         + ("`)" if tuple(result["models"]) == CNN_MODELS else f" --models {','.join(result['models'])}`)"),
@@ -207,8 +210,7 @@ def _latency_markdown(result: dict) -> str:
         f"{result['wall_s'] / 60:.0f} min wall.",
         "",
         "Random-weight models decomposed channel-wise (classifier dense), pruned to a FLOPs level with "
-        "`prune_(flops=level, rank_multiple=m)` (m = 8 for ResNet-20 and LeNet-300-100; for ResNet-50 no "
-        "rank_multiple, prune_'s default, which is 16 on all its layers), "
+        f"`prune_(flops=level, rank_multiple=m)` ({rounding}), "
         "exported with `export(strategy=\"latency\", backend=...)` at each batch, then timed against the dense model, "
         "alternating in one process (ms: median of repeats; speed-up: median of the paired dense / exported ratios, "
         "with their IQR). *eager* is the nn.Module as "
