@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,15 @@ TINY_RUN = ["data=synthetic", "model=lenet5", "train_epochs=1", "sparsify_epochs
             "lambda_s=0.1", "energy=0.15", "batch_size=30", "progress=false", "latency_repeats=1",
             "latency_backends=eager", "export_strategy=flops", "onnx=false", "device=cpu", "threads=1",
             "optimizer=sgd", "lr=0.05", "finetune_lr=0.01"]
+
+
+def onnx_runtime_output(module: nn.Module, x: torch.Tensor, input_name: str = "x") -> torch.Tensor:
+    """`module`'s output on `x` as ONNX Runtime computes it from the module's (TorchScript-based) ONNX export."""
+    ort = pytest.importorskip("onnxruntime")
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=[input_name])
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

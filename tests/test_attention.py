@@ -1,15 +1,13 @@
 """Attention layers: nn.MultiheadAttention split into its projections, each in SVD form, pruned and exported."""
 
-import io
 import itertools
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from conftest import onnx_runtime_output, rel_err
 from svdtrain import (SVDConfig, SVDLinear, SplitMultiheadAttention, count_flops, decompose_, export, export_layout,
                       prune_, rebuild, summary)
 
@@ -98,7 +96,7 @@ def test_pruning_an_attention_projection_cuts_its_flops_as_counted():
 
 
 def test_exported_attention_matches_the_pruned_model_and_runs_in_onnx_runtime_and_torch_export():
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, HEADS, 4 * E, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
@@ -114,11 +112,7 @@ def test_exported_attention_matches_the_pruned_model_and_runs_in_onnx_runtime_an
     with torch.no_grad():
         expected = model(x)
         assert rel_err(small(x), expected) <= 1e-4
-    buffer = io.BytesIO()
-    torch.onnx.export(small, (x,), buffer, dynamo=False, input_names=["x"])
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    out = session.run(None, {"x": x.numpy()})[0]
-    assert np.abs(out - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()
+    assert (onnx_runtime_output(small, x) - expected).abs().max() <= 1e-4 * expected.abs().max()
     program = torch.export.export(small, (x,))
     assert rel_err(program.module()(x), expected) <= 1e-4
 
@@ -184,17 +178,14 @@ def test_transformer_encoder_projections_carry_nearly_all_linear_flops_and_expor
     with torch.no_grad():
         expected = model(x)
         assert rel_err(small(x), expected) <= 1e-4
-    ort = pytest.importorskip("onnxruntime")
-    buffer = io.BytesIO()
-    torch.onnx.export(small, (x,), buffer, dynamo=False, input_names=["x"])
-    out = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    assert np.abs(out - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()
+    pytest.importorskip("onnxruntime")
+    assert (onnx_runtime_output(small, x) - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_the_tools_vision_transformer_is_decomposed_pruned_and_exported_to_onnx():
     """The tool's ViT (torchvision's block layout: ln_1, self_attention, ln_2, mlp): ≥ 95 % of its
     Linear/projection FLOPs in SVD form, the export within 1e-4 of the pruned model, in ONNX Runtime too."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from svdtrain.recipes.models import ViT
 
     torch.manual_seed(0)
@@ -208,7 +199,4 @@ def test_the_tools_vision_transformer_is_decomposed_pruned_and_exported_to_onnx(
     with torch.no_grad():
         expected = model(x)
         assert rel_err(small(x), expected) <= 1e-4
-    buffer = io.BytesIO()
-    torch.onnx.export(small, (x,), buffer, dynamo=False, input_names=["x"])
-    out = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    assert np.abs(out - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()
+    assert (onnx_runtime_output(small, x) - expected).abs().max() <= 1e-4 * expected.abs().max()
