@@ -57,9 +57,8 @@ def sweep(args) -> dict:
     kept = {}  # seed -> a finished dense run of an earlier sweep in `work` (--keep-dense)
     if work.exists():
         for folder in sorted(work.iterdir()):
-            seed = folder.name.removeprefix("dense-seed").split("-")[0]
             if args.keep_dense and folder.name.startswith("dense-seed") and (folder / "train" / "result.json").is_file():
-                kept[int(seed)] = folder
+                kept[int(folder.name.removeprefix("dense-seed").split("-")[0])] = folder
             elif folder.is_dir():
                 shutil.rmtree(folder)
     common = dict(data="fashion_mnist", train_subset=args.train_subset, max_batches=args.max_batches, progress=False,
