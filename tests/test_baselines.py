@@ -1,6 +1,7 @@
 import copy
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,35 @@ def test_interpolation_along_a_curve():
     points = [{"conv_flops_reduction": 2.0, "accuracy": 90.0}, {"conv_flops_reduction": 8.0, "accuracy": 80.0}]
     assert pareto.interpolate(points, 4.0) == pytest.approx(85.0)  # halfway in log scale
     assert pareto.interpolate(points, 1.5) is None and pareto.interpolate(points, 9) is None
+
+
+def test_transformer_bars_average_the_seeds_and_need_every_seed_fast():
+    """The ViT sweep's bars: a method's accuracy at r× is the mean of its seeds' points at the budget standing for r×
+    (0.33 for 3×, 3.03× fewer FLOPs), else its seed-0 curve interpolated; the batch-1 bar needs a budget of ≥ 2×
+    fewer FLOPs within 1.0 of the dense mean whose every seed's export runs ≥ 1.3× faster."""
+    spec = importlib.util.spec_from_file_location("transformer", Path(__file__).parents[1] / "benchmarks" / "transformer.py")
+    transformer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transformer)
+
+    def point(method, seed, budget, accuracy, speedup):
+        return {"method": method, "seed": seed, "knob_value": budget, "flops_reduction": 1 / budget * 1.0005,
+                "accuracy": accuracy, "speedup_b1": speedup}
+
+    points = [point("svd_gradual", 0, 0.5, 85.0, 1.22), point("svd_gradual", 1, 0.5, 84.0, 1.25),
+              point("svd_gradual", 0, 0.33, 84.9, 1.41), point("svd_gradual", 1, 0.33, 84.5, 1.29),
+              point("whitened_svd", 0, 0.5, 84.2, 1.2), point("whitened_svd", 0, 0.25, 80.0, 1.5)]
+    result = {"points": points, "targets": [0.5, 0.33], "dense": {"accuracy_mean": 85.4}}
+    bars = transformer.bars(result)
+    assert bars["matched"]["2x"]["svd_gradual"] == pytest.approx(84.5)
+    assert bars["matched"]["3x"]["svd_gradual"] == pytest.approx(84.7)
+    # whitened SVD has no 0.33 point: its seed-0 curve from 2× (84.2) to 4× (80.0), at 3× in log scale
+    assert bars["matched"]["3x"]["whitened_svd"] == pytest.approx(84.2 - 4.2 * math.log(1.5) / math.log(2), abs=0.01)
+    assert bars["within_1_point_of_dense_2x"] and bars["at_least_whitened_svd_2x"] and bars["at_least_whitened_svd_3x"]
+    assert not bars["export_1.3x_b1_within_1_point"]  # 3×: within a point of dense, but seed 1 runs 1.29×
+    points[3]["speedup_b1"] = 1.31
+    assert transformer.bars(result)["export_1.3x_b1_within_1_point"]
+    points[3]["accuracy"] = 83.0  # 3×: mean 83.95, 1.45 below dense
+    assert not transformer.bars(result)["export_1.3x_b1_within_1_point"]
 
 
 def test_tuning_picks_among_settings_that_reached_the_target():
