@@ -1,6 +1,6 @@
 """SVD training on a vision transformer: the tool's `vit` on Fashion-MNIST, against truncated and whitened SVD.
 
-    python benchmarks/transformer.py        # about 75 minutes on 2 CPU cores (about 57 with --keep-dense)
+    python benchmarks/transformer.py        # about 70 minutes on 2 CPU cores (57 with --keep-dense)
 
 The CNN sweep's harness (pareto.py: the same Sweep, tuning and measurement), on the tool's ViT (4×4 patches,
 width 96, 6 blocks of nn.MultiheadAttention, mean pooling; every projection and MLP layer in SVD form, the head

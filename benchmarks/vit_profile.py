@@ -134,14 +134,14 @@ def profile(args) -> dict:
                for p in sweep["points"] if p["method"] == "svd_gradual" and p["seed"] == 0}
     first_name, first = next(iter(exports.items()))
     reduction = first_name.split(", ")[1].split(" ")[0]
-    models = {"dense": dense, "dense, attention split": split_attention(dense), **exports,
-              f"floor: the {reduction} export, every thin pair at rank 1": at_rank_one(first),
-              f"the {reduction} export, q/k/v first factors fused": fused(first)}
-    with torch.no_grad():
-        for name, model in models.items():
-            error = (model(x) - dense(x)).abs().max().item() if name.startswith("dense,") else None
-            if error is not None and error > 1e-4:
-                raise RuntimeError(f"{name} does not compute the dense model's function ({error:.2e})")
+    split, fused_name = "dense, attention split", f"the {reduction} export, q/k/v first factors fused"
+    models = {"dense": dense, split: split_attention(dense), **exports,
+              f"floor: the {reduction} export, every thin pair at rank 1": at_rank_one(first), fused_name: fused(first)}
+    with torch.no_grad():  # the rewritten forms compute what they stand for
+        for name, reference in ((split, dense), (fused_name, first)):
+            error = (models[name](x) - reference(x)).abs().max().item()
+            if error > 1e-4:
+                raise RuntimeError(f"{name} does not compute the same function ({error:.2e})")
     with threads(1):
         times = timings({name: runner(m, x, "onnxruntime") for name, m in models.items()}, args.repeats, warmup=20)
         shares = {"dense": op_shares(dense, x, args.profile_calls),
