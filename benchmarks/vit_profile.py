@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import io
 import json
 import platform
 import statistics
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ from torch import nn
 
 import svdtrain
 from svdtrain.attention import SplitMultiheadAttention
-from svdtrain.latency import _Logits, paired_speedup, runner, threads, timings
+from svdtrain.latency import _onnx_bytes, paired_speedup, runner, threads, timings
 from svdtrain.recipes.pipeline import Run, load_exported
 from svdtrain.recipes.report import write_section
 
@@ -103,16 +101,12 @@ def op_shares(model: nn.Module, x: torch.Tensor, calls: int) -> dict:
     """Kernel time per ONNX Runtime operator type over `calls` runs (profiled): share of the total and nodes."""
     import onnxruntime as ort
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Logits(model), (x,), buffer, dynamo=False, input_names=["x"])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
         options.profile_file_prefix = str(Path(folder) / "profile")
-        session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(_onnx_bytes(model, x), options, providers=["CPUExecutionProvider"])
         for _ in range(calls):
             session.run(None, {"x": x.numpy()})
         events = json.loads(Path(session.end_profiling()).read_text())

@@ -79,10 +79,9 @@ class _Logits(nn.Module):
         return logits_of(self.module(x))
 
 
-def _onnx_session(module: nn.Module, example: torch.Tensor):
+def _onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
+    """`module`'s logits at `example` as an ONNX model (input "x"), the exporter's messages silenced."""
     import logging
-
-    import onnxruntime as ort
 
     buffer = io.BytesIO()
     onnx_log = logging.getLogger("torch.onnx")
@@ -96,13 +95,19 @@ def _onnx_session(module: nn.Module, example: torch.Tensor):
             torch.onnx.export(_Logits(module), (example,), buffer, dynamo=False, input_names=["x"])
     finally:
         onnx_log.setLevel(level)
+    return buffer.getvalue()
+
+
+def _onnx_session(module: nn.Module, example: torch.Tensor):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     # Spinning worker threads keep a core busy after each run; with several sessions timed in turn
     # (dense vs thin) they steal time from each other and the comparison is biased.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(_onnx_bytes(module, example), options, providers=["CPUExecutionProvider"])
 
 
 def prepared(module: nn.Module) -> nn.Module:

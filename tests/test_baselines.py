@@ -132,16 +132,16 @@ def test_method_settings_are_validated():
             RunConfig(method=method, decomposition=decomposition, rank_score="output")
 
 
-def load_pareto():
-    path = Path(__file__).parents[1] / "benchmarks" / "pareto.py"
-    spec = importlib.util.spec_from_file_location("pareto", path)
+def load_benchmark(name: str):
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_pareto_sweep_on_a_tiny_budget(tmp_path):
-    pareto = load_pareto()
+    pareto = load_benchmark("pareto")
     data = "fashion_mnist" if Path(FASHION_MNIST_DIR).is_dir() else "synthetic"
     tuning = ["--tune-subset", "256", "--val-subset", "256"] if data == "fashion_mnist" else ["--tune-subset", "-1"]
     methods, speed_methods = ["svd_gradual", "truncated_svd", "group_sl"], ["svd_gradual", "filter_pruning"]
@@ -231,7 +231,7 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
 
 
 def test_interpolation_along_a_curve():
-    pareto = load_pareto()
+    pareto = load_benchmark("pareto")
     points = [{"conv_flops_reduction": 2.0, "accuracy": 90.0}, {"conv_flops_reduction": 8.0, "accuracy": 80.0}]
     assert pareto.interpolate(points, 4.0) == pytest.approx(85.0)  # halfway in log scale
     assert pareto.interpolate(points, 1.5) is None and pareto.interpolate(points, 9) is None
@@ -241,9 +241,7 @@ def test_transformer_bars_average_the_seeds_and_need_every_seed_fast():
     """The ViT sweep's bars: a method's accuracy at r× is the mean of its seeds' points at the budget standing for r×
     (0.33 for 3×, 3.03× fewer FLOPs), else its seed-0 curve interpolated; the batch-1 bar needs a budget of ≥ 2×
     fewer FLOPs within 1.0 of the dense mean whose every seed's export runs ≥ 1.3× faster."""
-    spec = importlib.util.spec_from_file_location("transformer", Path(__file__).parents[1] / "benchmarks" / "transformer.py")
-    transformer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(transformer)
+    transformer = load_benchmark("transformer")
 
     def point(method, seed, budget, accuracy, speedup):
         return {"method": method, "seed": seed, "knob_value": budget, "flops_reduction": 1 / budget * 1.0005,
@@ -270,7 +268,7 @@ def test_tuning_picks_among_settings_that_reached_the_target():
     """A setting whose model stays slower than the target cannot win by its accuracy (rank multiples of 8 at 1.76×
     for target 2, 90.34 % on validation, against 87.46 % at 2.20×); it is picked only when none reached it, and one
     out of reach never."""
-    pareto = load_pareto()
+    pareto = load_benchmark("pareto")
     fast, slow, out = ({"validation_accuracy": 87.46, "reached": True}, {"validation_accuracy": 90.34, "reached": False},
                        {"validation_accuracy": None, "reached": False})
     assert pareto.best([slow, fast, out]) == 1

@@ -1,6 +1,5 @@
 """Hugging Face BERT and GPT-2 (small random configs, nothing downloaded): decomposed, pruned, exported, in ONNX."""
 
-
 import pytest
 import torch
 from torch import nn
