@@ -10,9 +10,12 @@
   `trp_period` steps each weight is replaced by its energy-truncated SVD, with a
   nuclear-norm regularizer; then truncation and fine-tuning.
 - filter_pruning: L1-norm filter pruning by Torch-Pruning (which keeps the coupled
-  channels of residual blocks consistent), then fine-tuning.
+  channels of residual blocks consistent), then fine-tuning. With prune_cuts the channels are
+  cut toward the budget that many times while the sparsify epochs train, on SVD training's
+  cubic schedule; without, once in the prune stage.
 - group_sl: DepGraph's group sparsity learning (Torch-Pruning's GroupNormPruner) during the
-  sparsify epochs, then pruning by group norm, then fine-tuning.
+  sparsify epochs, with SGD and momentum as published, then pruning by group norm (gradually
+  during those epochs with prune_cuts, as filter_pruning), then fine-tuning.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ from svdtrain.prune import rank_for_energy, tail_energy
 
 METHODS = ("svd", "truncated_svd", "whitened_svd", "trp", "filter_pruning", "group_sl")
 FILTER_METHODS = ("filter_pruning", "group_sl")  # they remove channels: the model stays dense
-# No training phase of their own: they fine-tune for the sparsify epochs too, so every method gets as many epochs.
-ONE_SHOT_METHODS = ("truncated_svd", "whitened_svd", "filter_pruning")
+
+
+def one_shot(method: str, prune_cuts: int) -> bool:
+    """No training phase of its own: the method cuts once and fine-tunes for the sparsify epochs too, so that every
+    method gets as many epochs. Filter pruning with gradual cuts trains through the sparsify epochs instead."""
+    return method in ("truncated_svd", "whitened_svd") or (method == "filter_pruning" and not prune_cuts)
 
 
 def _matrices(layer: nn.Module) -> torch.Tensor:
@@ -171,6 +178,9 @@ def _torch_pruning():
     return tp
 
 
+FLOPS_TIE = 0.98  # a FLOPs budget is met to within this: the pruned model keeps between 98 and 100 % of it
+
+
 def _importance(kind: str):
     """L1 norm of each filter (filter_pruning), or the L2 norm of each group of coupled channels over every layer
     it spans (group_sl: DepGraph's group norm, the importance its sparsity learning drives apart)."""
@@ -180,8 +190,11 @@ def _importance(kind: str):
 
 def group_sparsity_pruner(model: nn.Module, example_inputs: torch.Tensor, ignored: list[nn.Module], reg: float):
     """DepGraph's group sparsity learning (Fang et al. 2023, Torch-Pruning's GroupNormPruner): call
-    `.regularize(model)` after each backward pass; it adds to the gradients a group-lasso term on every group of
-    coupled channels, stronger on the groups that matter least, so that whole groups fade before they are cut."""
+    `.regularize(model)` after each backward pass; to the gradient of every weight of a group of coupled channels
+    (the producing layer's filters, the batch-norm scales, the consuming layers' input columns) it adds reg·γ_c·w,
+    γ_c = 16^((max − g_c) / (max − min)) with g_c the channel's group norm: a decay that is strongest on the groups
+    that matter least, so that whole groups fade before they are cut. Published with SGD and momentum (Adam would
+    rescale the term per parameter and undo the ordering γ sets): the sparsify stage steps it so."""
     tp = _torch_pruning()
     return tp.pruner.GroupNormPruner(model, example_inputs, importance=_importance("group"), reg=reg,
                                      ignored_layers=ignored)
@@ -189,20 +202,24 @@ def group_sparsity_pruner(model: nn.Module, example_inputs: torch.Tensor, ignore
 
 def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[nn.Module], *,
                   flops: float | None = None, speedup: float | None = None, backend: str = "onnxruntime",
-                  importance: str = "l1", round_to: int | None = None) -> dict:
+                  importance: str = "l1", round_to: int | None = None, reference: nn.Module | None = None) -> dict:
     """Filter pruning (Torch-Pruning, which keeps the coupled channels of residual blocks consistent) to at most
-    `flops` of the model's FLOPs, or to at least `speedup`× its speed measured on `backend` at example_inputs
-    (dense and pruned timed alternately, median of the paired ratios). In place.
+    `flops` of the reference model's FLOPs, or to at least `speedup`× its speed measured on `backend` at
+    example_inputs (reference and pruned timed alternately, median of the paired ratios). In place. The reference
+    is the dense model a gradual cut measures against; default: `model` as it is.
 
     One ratio for every layer (Torch-Pruning's uniform local pruning), the least that meets the budget (steps of
-    0.1, then bisection to 1e-3); `round_to` keeps each layer's channel count a multiple of it. Candidates are
-    traced in eval mode, so the trace leaves the batch-norm statistics as they were. Returns {"channel_ratio",
-    "flops", "dense_flops"} and, for a speed target, the measured "speedup" and "speedup_iqr".
+    0.1, then bisection to 1e-3); `round_to` keeps each layer's channel count a multiple of it. A model that meets
+    the budget already (a speed within the tie of timing noise) is left as it is (channel_ratio 0). Candidates are
+    traced in eval mode, so the trace leaves the batch-norm statistics as they were; `model` keeps its mode.
+    Returns {"cut" (whether channels were removed), "channel_ratio", "global_steps", "flops", "dense_flops"} and,
+    for a speed target, the measured "speedup" and "speedup_iqr".
     """
     tp = _torch_pruning()
     if (flops is None) == (speedup is None):
         raise ValueError("filter_prune_ needs exactly one of flops=, speedup=")
-    dense = svdtrain.count_flops(model, example_inputs)
+    reference = model if reference is None else reference
+    dense = svdtrain.count_flops(reference, example_inputs)
     names = {id(m): n for n, m in model.named_modules()}
     ignored_names = [names[id(m)] for m in ignored]
 
@@ -213,7 +230,7 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
                              ignored_layers=keep_out, round_to=round_to).step()
         return candidate
 
-    dense_runner = runner(copy.deepcopy(model).eval(), example_inputs, backend) if speedup is not None else None
+    dense_runner = runner(copy.deepcopy(reference).eval(), example_inputs, backend) if speedup is not None else None
 
     def speed(candidate: nn.Module) -> dict:
         timed = paired_timing(dense_runner, runner(candidate, example_inputs, backend), budget_s=1.0, min_repeats=15)
@@ -224,6 +241,13 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
             return svdtrain.count_flops(candidate, example_inputs) <= flops * dense
         return speed(candidate)["speedup"] >= speedup
 
+    if reference is not model:
+        as_it_is = copy.deepcopy(model).eval()
+        measured = speed(as_it_is) if speedup is not None else {}
+        if (measured["speedup"] * TIE >= speedup) if measured else \
+                svdtrain.count_flops(as_it_is, example_inputs) <= flops * dense:
+            return {"cut": False, "channel_ratio": 0.0, "global_steps": 0,
+                    "flops": svdtrain.count_flops(as_it_is, example_inputs), "dense_flops": dense, **measured}
     # The cost is not monotone in the ratio once channel counts are rounded (a ratio past what rounding allows
     # prunes nothing), so the least fitting ratio on a coarse grid comes first, then bisection below it.
     grid = [i / 10 for i in range(1, 10)]
@@ -240,7 +264,12 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
             hi = mid
         else:
             lo = mid
-    result = pruned(hi)
+    result, steps = pruned(hi), 0
+    if flops is not None and svdtrain.count_flops(result, example_inputs) < FLOPS_TIE * flops * dense:
+        # One ratio moves every layer by whole channels at once (a 16-channel layer by 6 %), so the least ratio
+        # can land well under the budget: from the largest ratio above it, channels are removed globally, by the
+        # same importance, in small steps until the budget is met (Torch-Pruning's global pruning).
+        hi, (result, steps) = lo, _global_steps(pruned(lo), example_inputs, ignored_names, importance, round_to, fits)
     measured = speed(result) if speedup is not None else {}
     # A model that passed the search by timing noise alone, timed afresh, may fall short: a little more is removed
     # until the fresh timing is within the tie of the target.
@@ -248,18 +277,35 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
         hi = min(grid[-1], hi + 0.02)
         result = pruned(hi)
         measured = speed(result)
-    out = {"channel_ratio": hi, "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense,
+    out = {"cut": True, "channel_ratio": hi, "global_steps": steps, "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense,
            **measured}
     _adopt(model, result)
     return out
 
 
+def _global_steps(model: nn.Module, example_inputs: torch.Tensor, ignored_names: list[str], importance: str,
+                  round_to: int | None, fits) -> tuple[nn.Module, int]:
+    """`model` with its least important channels (over all layers) removed step by step, about 0.1 % of the
+    channels a step, until `fits(model)`; and the number of steps."""
+    tp = _torch_pruning()
+    steps = 900
+    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=_importance(importance), global_pruning=True,
+                                  pruning_ratio=0.9, iterative_steps=steps, round_to=round_to,
+                                  ignored_layers=[model.get_submodule(n) for n in ignored_names])
+    for step in range(steps):
+        if fits(model):
+            return model, step
+        pruner.step()
+    return model, steps
+
+
 def _adopt(model: nn.Module, pruned: nn.Module):
-    """Make `model` the pruned network in place: same module tree, the pruned layers and weights."""
+    """Make `model` the pruned network in place: same module tree, the pruned layers and weights, its own mode."""
     for name, child in pruned.named_children():
         setattr(model, name, child)
     for name, p in pruned.named_parameters(recurse=False):
         setattr(model, name, p)
+    model.train(model.training)
 
 
 def resize_to_state_(model: nn.Module, state: dict) -> nn.Module:

@@ -114,8 +114,9 @@ class RunConfig:
         "target_speedup also the powers of two below it where measured faster; 1 = no rounding")))
     prune_cuts: int = field(default=8, metadata=_range(0, doc=(
         "svd: cut ranks toward the budget (target_speedup, prune_flops or prune_params) this many times during "
-        "sparsify, on a cubic schedule "
-        "ending at the budget; 0 = one cut in the prune stage (the paper); other methods ignore it")))
+        "sparsify, on a cubic schedule ending at the budget; filter_pruning, group_sl: the same with channels "
+        "(filter_pruning then trains through sparsify at lr); 0 = one cut in the prune stage (the paper, and the "
+        "one-shot filter prunings); truncated_svd, whitened_svd and trp ignore it")))
     bn_recalibrate: int = field(default=2048, metadata=_range(0, doc=(
         "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "
         "many training images; 0 = off")))
@@ -129,6 +130,10 @@ class RunConfig:
         "round_to: sizes the backend runs well); 0 = any count")))
     group_sl_reg: float = field(default=5e-4, metadata=_range(0, low_open=True, doc=(
         "group_sl: strength of the group sparsity learning during sparsify (Torch-Pruning's reg)")))
+    group_sl_lr: float = field(default=0.01, metadata=_range(0, doc=(
+        "group_sl: learning rate of the sparsity learning (sparsify), which steps with SGD and momentum as "
+        "DepGraph's is published (Torch-Pruning's CIFAR benchmark: SGD, lr 0.01, momentum 0.9); 0 = the run's "
+        "optimizer at lr (how group_sl runs made before this key trained)")))
     whiten_images: int = field(default=2048, metadata=_range(1, doc=(
         "whitened_svd, rank_score=output: training images over which each layer's input covariance is measured")))
     rank_score: str = field(default="size", metadata=_choice("size", "output", doc=(

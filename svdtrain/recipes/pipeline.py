@@ -36,8 +36,8 @@ from svdtrain.prune import PruneReport
 
 from svdtrain.config import name_matches
 
-from .baselines import (FILTER_METHODS, ONE_SHOT_METHODS, filter_prune_, group_sparsity_pruner, input_covariances,
-                        normalize_v_, resize_to_state_, weigh_by_inputs_, whiten_)
+from .baselines import (FILTER_METHODS, filter_prune_, group_sparsity_pruner, input_covariances, normalize_v_,
+                        one_shot, resize_to_state_, weigh_by_inputs_, whiten_)
 from .config import ConfigError, RunConfig, check_keys
 from .data import Dataset, load_dataset
 from .distributed import Cluster, start
@@ -47,7 +47,7 @@ from .train import StageSettings, evaluate, fit, load_into, load_weights, save_a
 STAGES = ("train", "sparsify", "prune", "finetune", "export", "report")
 BUILT_FROM = ".built_from"  # in a stage's build folder: the id of the input it is built from
 # Keys a run folder made before they existed lacks, with the value under which such a run behaves as it did.
-BEFORE_THEIR_TIME = {"target_speedup": 0.0}
+BEFORE_THEIR_TIME = {"target_speedup": 0.0, "group_sl_lr": 0.0}
 # A speed target is refused before a run when the export is predicted to miss it by more than this: the predicted
 # fastest export of the quick recipe's model moved between 0.485 and 0.567 of dense with the machine's load. A run
 # nearer its edge cuts to the fastest ranks there are and says what it measured.
@@ -436,15 +436,45 @@ class Run:
                 f"{speed['speedup']:.2f}× the dense model's speed (IQR {low:.2f}–{high:.2f}), target "
                 f"{cfg.target_speedup:g}×")
 
-    def filter_prune(self, model: nn.Module) -> dict:
-        """filter_prune_ to the run's budget: target_speedup measured on the deployment, or prune_flops."""
+    def filter_prune(self, model: nn.Module, fraction: float | None = None, reference: nn.Module | None = None) -> dict:
+        """filter_prune_ to the run's budget (`fraction` of the dense latency or FLOPs in place of it): target_speedup
+        measured on the deployment, or prune_flops; measured against `reference` (the dense model) when given."""
         cfg = self.cfg
-        target = {"speedup": cfg.target_speedup} if cfg.target_speedup else {"flops": cfg.prune_flops}
+        fraction = fraction or self.budget_fraction
+        target = {"speedup": 1 / fraction} if cfg.target_speedup else {"flops": fraction}
         with threads(cfg.export_threads if cfg.target_speedup else 0):
             return filter_prune_(model, self.example_input(cfg.export_batch if cfg.target_speedup else 1),
                                  self.excluded(model), **target, backend=cfg.export_backend,
                                  importance="l1" if cfg.method == "filter_pruning" else "group",
-                                 round_to=cfg.round_to or None)
+                                 round_to=cfg.round_to or None, reference=reference)
+
+    def gradual_channel_cut(self, model: nn.Module, progress: float, dense: nn.Module) -> bool:
+        """One cut of the cubic schedule (as `gradual_cut`) for the filter prunings: channels are removed until the
+        model keeps at most budget + (1 − budget)·(1 − p)³ of the dense FLOPs, or runs at least that fraction's
+        inverse times the dense model's speed, measured on the deployment against `dense` (the train stage's
+        model). Decided by rank 0 on a CPU copy; every process then takes its weights. Returns whether channels
+        were removed (the parameters are then new)."""
+        budget, cfg = self.budget_fraction, self.cfg
+        fraction = budget + (1 - budget) * (1 - progress) ** 3
+
+        def decide():
+            candidate = copy.deepcopy(model).cpu()
+            out = self.filter_prune(candidate, fraction, reference=dense)
+            return out, candidate.state_dict() if out["cut"] else None
+
+        out, state = self.cluster.on_main(decide)
+        if state is None:
+            return False
+        device, training = next(model.parameters()).device, model.training
+        resize_to_state_(model, state)
+        load_into(model, state, "a gradual channel cut")
+        model.to(device).train(training)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        reached = f"{out['speedup']:.2f}× the dense model's speed measured on {cfg.export_backend}" \
+            if "speedup" in out else f"FLOPs {out['flops'] / out['dense_flops']:.3f} of dense"
+        self.echo(f"  channel cut at {progress:.0%} of the stage: {_channels_removed(out)}, {reached}")
+        return True
 
     def excluded(self, model: nn.Module) -> list[nn.Module]:
         """The modules exclude_modules names: left dense by SVD training, left whole by filter pruning."""
@@ -508,7 +538,8 @@ def stage_train(run: Run) -> dict:
 
 def stage_sparsify(run: Run) -> dict:
     """svd: convert to SVD form (exact SVD) if dense, then train with orthogonality + sparsity.
-    trp: dense training with periodic SVD truncation and the nuclear norm. Other methods: nothing to do."""
+    trp: dense training with periodic SVD truncation and the nuclear norm. group_sl, and filter_pruning with
+    prune_cuts: see `_sparsify_filters`. Other methods: nothing to do."""
     cfg = run.cfg
     model = run.model_after("train")
     started = time.perf_counter()
@@ -522,9 +553,8 @@ def stage_sparsify(run: Run) -> dict:
     elif cfg.method == "trp":
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,
                            truncate_every=cfg.trp_period, truncate_energy=cfg.trp_energy)
-    elif cfg.method == "group_sl":
-        pruner = group_sparsity_pruner(model, run.example_input(), run.excluded(model), cfg.group_sl_reg)
-        accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, regularize=pruner.regularize)
+    elif cfg.method in FILTER_METHODS and not one_shot(cfg.method, cfg.prune_cuts):
+        accuracy = _sparsify_filters(run, model)
     else:
         accuracy = run.result("train")["accuracy"]
     form = "svd" if svd_layers(model) else "dense"
@@ -533,15 +563,52 @@ def stage_sparsify(run: Run) -> dict:
     return result
 
 
+def _sparsify_filters(run: Run, model: nn.Module) -> float:
+    """The filter prunings' sparsify stage: group_sl's sparsity learning (SGD with momentum at group_sl_lr, its
+    regularizer on the gradients before each step, as DepGraph's is published), and with prune_cuts the channels
+    cut toward the budget on the cubic schedule (filter_pruning: plain training at lr meanwhile)."""
+    cfg = run.cfg
+    dense = copy.deepcopy(model).cpu().eval()  # the budget's reference: the train stage's model
+    learner = {}
+
+    def regularize(m: nn.Module):
+        if "pruner" not in learner:  # built on the model as it is now: a cut replaces the layers it spans
+            training = m.training
+            m.eval()  # the trace runs a forward pass, which must not move the batch-norm statistics
+            example = run.example_input().to(next(m.parameters()).device)
+            learner["pruner"] = group_sparsity_pruner(m, example, run.excluded(m), cfg.group_sl_reg)
+            m.train(training)
+        learner["pruner"].regularize(m)
+
+    def cut(m: nn.Module, progress: float) -> bool:
+        changed = run.gradual_channel_cut(m, progress, dense)
+        if changed:
+            learner.clear()
+        return changed
+
+    if cfg.method == "group_sl":
+        settings = {"regularize": regularize, **({"optimizer": "sgd"} if cfg.group_sl_lr else {})}
+        lr = cfg.group_sl_lr or cfg.lr
+    else:
+        settings, lr = {}, cfg.lr
+    return run.fit(model, "sparsify", cfg.sparsify_epochs, lr, 0.0, 0.0, cut=cut, rank_cuts=cfg.prune_cuts,
+                   **settings)
+
+
 def stage_prune(run: Run) -> dict:
     """Prune singular values by energy or to a FLOPs / parameter budget; filter_pruning prunes channels instead."""
     cfg = run.cfg
     model = run.model_after("sparsify")
     example = run.example_input()
     if cfg.method in FILTER_METHODS:
-        dense_flops = svdtrain.count_flops(model, example)
-        pruned = run.filter_prune(model)
-        run.echo(f"filter pruning: {pruned['channel_ratio']:.3f} of the channels of every layer removed"
+        # After gradual cuts the model may meet the budget already (then nothing is cut) or fall short of it by
+        # what the last cut's timing missed: measured against the dense model, it is cut to the budget.
+        dense = run.model_after("train").eval()
+        dense_flops = svdtrain.count_flops(dense, example)
+        pruned = run.filter_prune(model, reference=dense)
+        run.echo(f"filter pruning: {_channels_removed(pruned)}"
+                 + (" (the gradual cuts during sparsify reached the budget)" if cfg.prune_cuts and not pruned["cut"]
+                    else "")
                  + (f"; {run.speed_line(pruned)}" if cfg.target_speedup else ""))
         result = {"form": "dense", **_recalibrated(run, model), **pruned,
                   "flops": svdtrain.count_flops(model, example), "dense_flops": dense_flops}
@@ -593,6 +660,13 @@ def stage_prune(run: Run) -> dict:
     return result
 
 
+def _channels_removed(pruned: dict) -> str:
+    """What one filter pruning removed, as filter_prune_ returned it."""
+    steps = pruned.get("global_steps")
+    return (f"{pruned['channel_ratio']:.3f} of each layer's channels removed"
+            + (f", then {steps} global step{'s' * (steps > 1)} of the least important" if steps else ""))
+
+
 def _merged(first: PruneReport, second: PruneReport) -> PruneReport:
     """One report for two prunes in a row: the ranks and costs before the first, after the second."""
     for row, before in zip(second.layers, first.layers):
@@ -614,11 +688,11 @@ def _recalibrated(run: Run, model: nn.Module) -> dict:
 
 def stage_finetune(run: Run) -> dict:
     """Fine-tune the pruned model: svd with orthogonality only; baselines without regularizers. Methods that
-    have no sparsify phase (truncated_svd, whitened_svd, filter_pruning) fine-tune for sparsify_epochs + finetune_epochs,
-    so every method gets the same number of epochs after the dense model."""
+    have no sparsify phase (truncated_svd, whitened_svd, filter_pruning with prune_cuts=0) fine-tune for
+    sparsify_epochs + finetune_epochs, so every method gets the same number of epochs after the dense model."""
     cfg = run.cfg
     model = run.model_after("prune")
-    epochs = cfg.finetune_epochs + (cfg.sparsify_epochs if cfg.method in ONE_SHOT_METHODS else 0)
+    epochs = cfg.finetune_epochs + (cfg.sparsify_epochs if one_shot(cfg.method, cfg.prune_cuts) else 0)
     started = time.perf_counter()
     accuracy = run.fit(model, "finetune", epochs, cfg.finetune_lr, cfg.lambda_o if cfg.method == "svd" else 0.0, 0.0)
     result = {"form": "svd" if svd_layers(model) else "dense", "accuracy": accuracy,

@@ -25,7 +25,7 @@ import svdtrain
 from svdtrain.layers import svd_layers
 from svdtrain.prune import rank_for_energy, tail_energy
 
-from .baselines import nuclear_norm, trp_layers, trp_truncate_
+from .baselines import nuclear_norm, resize_to_state_, trp_layers, trp_truncate_
 from .config import RunConfig
 from .data import Dataset, Split
 from .distributed import Cluster
@@ -111,6 +111,7 @@ class StageSettings:
     truncate_energy: float = 0.0  # TRP: energy rule used for that truncation
     rank_cuts: int = 0  # gradual rank reduction: `cut` is called this many times, evenly over the stage's steps
     regularize: Callable[[nn.Module], None] | None = None  # group_sl: adds its term to the gradients after backward
+    optimizer: str = ""  # this stage's optimizer in place of cfg.optimizer (group_sl's sparsity learning: "sgd")
 
 
 def cut_schedule(epochs: int, steps_per_epoch: int, cuts: int) -> dict[int, float]:
@@ -129,8 +130,9 @@ def lr_factor(cfg: RunConfig, epoch: int, epochs: int) -> float:
     return 1.0
 
 
-def make_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
+def make_optimizer(cfg: RunConfig, model: nn.Module, lr: float, kind: str = "") -> torch.optim.Optimizer:
+    """`kind` ("sgd" | "adam"; default cfg.optimizer) over every parameter; SGD with cfg.momentum."""
+    if (kind or cfg.optimizer) == "sgd":
         return torch.optim.SGD(model.parameters(), lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr, weight_decay=cfg.weight_decay)
 
@@ -213,7 +215,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     """Train `model` for one stage, checkpointing every epoch into `folder`; resumes from the latest checkpoint.
 
     With `stage.rank_cuts`, `cut(model, progress)` is called after the steps `cut_schedule` names; it
-    prunes in place and returns whether the ranks changed (then the optimizer is rebuilt: new parameters).
+    prunes in place and returns whether the ranks or channels changed (then the optimizer is rebuilt: new
+    parameters).
     With a `teacher` (frozen, on the device), the task loss is (1 − cfg.distill)·cross-entropy +
     cfg.distill·distillation to the teacher's logits.
 
@@ -237,13 +240,14 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     path = cluster.on_main(newest_readable_checkpoint)  # rank 0 decides, so every process resumes alike
     if path is not None:
         saved = load_weights(path)
+        resize_to_state_(model, saved["model"])  # channels cut earlier in the stage (gradual filter pruning)
         load_into(model, saved["model"], f"checkpoint {path}")
         history, start = saved["history"], saved["epoch"]
         echo(f"[{stage.name}] resuming after epoch {start}")
     model.to(cluster.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(cfg, model, stage.lr)  # after loading: parameters are new objects
+    opt = make_optimizer(cfg, model, stage.lr, stage.optimizer)  # after loading: parameters are new objects
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
 
@@ -317,8 +321,9 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 trp_truncate_(dense_targets, stage.truncate_energy)
             progress = cuts.get(epoch * steps + step + 1)
             if progress is not None and cut(model, progress):
-                # Adam's moments belonged to the cut factors; the pruned ones start afresh at this epoch's lr.
-                opt = make_optimizer(cfg, model, lr)
+                # The optimizer's state belonged to the cut factors or channels; the pruned ones start afresh at
+                # this epoch's lr.
+                opt = make_optimizer(cfg, model, lr, stage.optimizer)
                 forward = wrapped()
             with torch.no_grad():
                 values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y),
