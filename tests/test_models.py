@@ -7,7 +7,7 @@ from svdtrain.recipes.models import MODELS, CifarResNet, build_model
 @pytest.mark.parametrize("name, shape, classes", [
     ("resnet20", (2, 1, 28, 28), 10), ("resnet32", (1, 3, 32, 32), 100), ("resnet44", (1, 3, 32, 32), 10),
     ("resnet18", (1, 3, 64, 64), 7), ("lenet300", (2, 1, 28, 28), 10), ("lenet5", (2, 1, 28, 28), 10),
-    ("lenet5", (2, 3, 32, 32), 10),
+    ("lenet5", (2, 3, 32, 32), 10), ("mobilenetv2", (2, 1, 28, 28), 10), ("mobilenetv2", (1, 3, 32, 32), 100),
 ])
 def test_models_run_on_their_data(name, shape, classes):
     model = build_model(name, classes, shape[1], shape[2]).eval()
@@ -26,6 +26,24 @@ def test_resnet50_has_the_usual_size():
     assert 25.5e6 < sum(p.numel() for p in build_model("resnet50", 1000, 3, 224).parameters()) < 25.6e6
 
 
+def test_mobilenetv2_has_the_papers_blocks_at_half_width():
+    """17 inverted residuals (10 with the identity shortcut), depthwise 3×3 between pointwise 1×1 convs; SVD training
+    factors the pointwise and dense convs and leaves the depthwise ones (nothing to factor), and filter pruning can
+    remove their channels."""
+    import svdtrain
+    from svdtrain.recipes.models import InvertedResidual
+
+    model = build_model("mobilenetv2", 10, 1, 28)
+    blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    assert len(blocks) == 17 and sum(b.residual for b in blocks) == 10
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17 and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert model.fc.in_features == 640 and 0.55e6 < sum(p.numel() for p in model.parameters()) < 0.62e6
+    report = svdtrain.decompose_(model, svdtrain.SVDConfig(exclude_modules=("fc",)))
+    assert len(report.replaced) == 35 and {r["reason"] for r in report.skipped} >= {
+        "depthwise convolution: one input channel per group, nothing to factor"}
+
+
 def test_bad_depths_and_names():
     with pytest.raises(ValueError, match="6n \\+ 2"):
         CifarResNet(21)
@@ -36,7 +54,7 @@ def test_bad_depths_and_names():
     with pytest.raises(ValueError, match="12×12"):
         build_model("lenet5", 10, 1, 8)
     assert set(MODELS) >= {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34",
-                           "resnet50", "lenet300", "lenet5", "vit"}
+                           "resnet50", "lenet300", "lenet5", "vit", "mobilenetv2"}
 
 
 USER_MODEL = '''

@@ -187,6 +187,55 @@ class ViT(nn.Module):
         return self.head(self.ln(self.blocks(tokens)).mean(1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block (Sandler et al. 2018): 1×1 expand (×t) → 3×3 depthwise → 1×1 linear project, batch norm
+    after each, ReLU6 after the first two; the input added when the shape is kept."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = in_planes * expansion
+        layers = [nn.Conv2d(in_planes, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()] \
+            if expansion != 1 else []
+        self.layers = nn.Sequential(
+            *layers, nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(), nn.Conv2d(hidden, planes, 1, bias=False), nn.BatchNorm2d(planes))
+        self.residual = stride == 1 and in_planes == planes
+
+    def forward(self, x):
+        return x + self.layers(x) if self.residual else self.layers(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 sized for 28–32² images: the paper's blocks (expansion t, width c, repeats n, stride s), with the
+    3×3 stem and the 160-wide stage at stride 1 (three downsamplings: 4² left at 28² inputs), and the widths scaled
+    by `width` (0.5: a 2-core CPU trains it about as fast as ResNet-20), the last 1×1 conv to 640."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 0.5):
+        super().__init__()
+
+        def scaled(c: int) -> int:  # a multiple of 8, as the paper's width multipliers round
+            return max(8, int(c * width + 4) // 8 * 8)
+
+        planes = scaled(32)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
+                                  nn.ReLU6())
+        blocks = []
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                blocks.append(InvertedResidual(planes, scaled(c), s if i == 0 else 1, t))
+                planes = scaled(c)
+        self.blocks = nn.Sequential(*blocks)
+        last = scaled(1280) if width > 1 else 640
+        self.head = nn.Sequential(nn.Conv2d(planes, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6())
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
 def _cifar(depth: int):
     return lambda num_classes, in_channels, image_size, bottleneck=False: CifarResNet(
         depth, num_classes, in_channels, bottleneck)
@@ -205,6 +254,7 @@ MODELS = {
     "lenet300": lambda num_classes, in_channels, image_size, bottleneck=False: LeNet300(
         num_classes, in_channels * image_size * image_size),
     "lenet5": lambda num_classes, in_channels, image_size, bottleneck=False: LeNet5(num_classes, in_channels, image_size),
+    "mobilenetv2": lambda num_classes, in_channels, image_size, bottleneck=False: MobileNetV2(num_classes, in_channels),
     "vit": lambda num_classes, in_channels, image_size, bottleneck=False: ViT(num_classes, in_channels, image_size),
     # ViT-B/16's size (86 M parameters at 224²): 16² patches, width 768, 12 blocks of 12 heads, a 3072-wide MLP.
     "vit_b16": lambda num_classes, in_channels, image_size, bottleneck=False: ViT(
