@@ -288,6 +288,9 @@ class Sweep:
                       "speedup_at_prune": pruned.get("speedup"), "schedule": schedule(point.cfg),
                       "epochs": args.compress_epochs + args.finetune_epochs, "shared_wall_s": shared_wall,
                       "compress_phase": base.folder.name, "folder": str(folder)}
+            cuts = base.folder / "sparsify" / "cuts.json"
+            if cuts.is_file():  # each gradual cut, with the accuracy right after it when the sweep asks for it
+                record["cuts"] = json.loads(cuts.read_text())
             if measure:
                 record["accuracy"] = run_stage(point, "export")["accuracy"]
                 record.update(_measure(point, args))
@@ -384,7 +387,7 @@ def sweep(args) -> dict:
         dense["longer"] = {"accuracy": run_stage(run, "train")["accuracy"], "epochs": args.dense_epochs + budget,
                            "wall_s": time.perf_counter() - t0}
 
-    test = Sweep(args, shared, common, dense)
+    test = Sweep(args, shared, {**common, "cut_eval_images": args.cut_eval_images}, dense)
     t0 = time.perf_counter()
     earlier = _earlier_tuning(args, dense_runs[0]["accuracy"])
     tuning = earlier.get("flops") if earlier else \
@@ -793,6 +796,19 @@ def _latency(p: dict, key: str) -> str:
     return f"{p[f'speedup_{key}']:.2f}× ({p[f'latency_{key}_ms']:.2f} vs {p[f'dense_latency_{key}_ms']:.2f} ms)"
 
 
+def _cut_rows(points) -> list[str]:
+    """The accuracy right after each gradual cut, per method (test images, before fine-tuning): where they part."""
+    curves = {p["method"]: {round(c["progress"], 3): c["accuracy"] for c in p["cuts"]}
+              for p in points if any("accuracy" in c for c in p.get("cuts", []))}
+    if not curves:
+        return []
+    steps = sorted({k for curve in curves.values() for k in curve})
+    return ["", "Accuracy (%) right after each gradual cut (seed 0 at the seed target; during the compress phase, on "
+            "test images drawn across classes; — = that cut found nothing to remove):", "",
+            "| stage progress | " + " | ".join(curves) + " |", "|---|" + "---:|" * len(curves),
+            *[f"| {k:.0%} | " + " | ".join(_fmt(c.get(k)) for c in curves.values()) + " |" for k in steps]]
+
+
 def _met(ok) -> str:
     return "—" if ok is None else "**met**" if ok else "**not met**"
 
@@ -868,6 +884,7 @@ def _speed_markdown(result: dict) -> list[str]:
         for m, e in b["seeds"].items():
             lines.append(f"- {m}: " + ", ".join(f"{a:.2f} % at {v:.2f}×" for a, v in zip(e["accuracy"], e["speedup_b1"]))
                          + f" → mean {e['mean']:.2f} %")
+    lines += _cut_rows(p for p in speed["points"] if p["seed"] == 0 and p["knob_value"] == speed["seed_target"])
     if speed.get("ablation"):
         lines += ["", f"Ablation of `{NEW_RECIPE}` at target {speed['seed_target']:g}× (test set): the same recipe with "
                   "its ranks kept to multiples of 16 (prune_'s default multiple of every 3×3 layer here), without the "
@@ -926,6 +943,8 @@ def main(argv=None):
     parser.add_argument("--seed-target", type=float, default=2.0)
     parser.add_argument("--tune-speedup", type=float, default=2.0, help="speed target the speed axis is tuned at")
     parser.add_argument("--max-batches", type=int, default=0, help="cap on batches per epoch (smoke test)")
+    parser.add_argument("--cut-eval-images", type=int, default=2000,
+                        help="test points: the accuracy right after each gradual cut on this many test images")
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "runs" / "pareto"), help="run folders (not committed)")

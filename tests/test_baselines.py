@@ -189,7 +189,7 @@ def test_filter_prunings_cut_gradually_to_the_flops_budget(tmp_path, capsys, met
     args = ["run", "data=synthetic", "model=resnet20", f"method={method}", "target_speedup=0", "prune_flops=0.5",
             "prune_cuts=8", "train_epochs=1", "sparsify_epochs=1", "finetune_epochs=1", "batch_size=32",
             "progress=false", "latency_repeats=2", "latency_backends=eager", "export_strategy=flops", "onnx=false",
-            f"out_dir={tmp_path}"]
+            "cut_eval_images=64", f"out_dir={tmp_path}"]
     assert main(args) == 0
     out = capsys.readouterr().out
     cuts = [line for line in out.splitlines() if "channel cut at" in line]
@@ -204,6 +204,9 @@ def test_filter_prunings_cut_gradually_to_the_flops_budget(tmp_path, capsys, met
     report = json.loads((folder / "report.json").read_text())
     assert 0.49 <= report["final"]["flops"] / report["dense"]["flops"] <= 0.5
     assert len((folder / "finetune" / "log.csv").read_text().splitlines()) == 1 + 1  # trained through sparsify
+    logged = json.loads((folder / "sparsify" / "cuts.json").read_text())  # each cut, with the accuracy after it
+    assert [round(c["flops"], 3) for c in logged] == fractions and all(0 <= c["accuracy"] <= 100 for c in logged)
+    assert out.count("accuracy right after the cut") == len(cuts) and "on 64 images" in out
 
 
 @pytest.mark.slow
@@ -268,18 +271,22 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     assert {p["method"] for p in saved["points"]} == set(methods)
     assert len(saved["points"]) == 2 * len(methods) and len(saved["dense"]["seeds"]) == 2
     recipe_settings = saved["tuning"]["methods"].get(pareto.NEW_RECIPE, {}).get("picked", {})
-    if data == "fashion_mnist":  # every method tried four settings on the validation split and kept one
+    if data == "fashion_mnist":  # every method tried five settings on the validation split and kept one
         for name in methods:
             tried = saved["tuning"]["methods"][name]["tried"]
-            assert len(tried) == 4 and saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
-            first = max(tried[:3], key=lambda t: t["validation_accuracy"])  # the fourth: the best with distillation
-            assert tried[3]["settings"] == {**first["settings"], **pareto.DISTILL}
+            assert len(tried) == saved["tuning"]["methods"][name]["settings_tried"] == 5
+            assert saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
+            assert tried[3]["settings"] == {**pareto.METHODS[name], **pareto.LEVERS["prune_flops"][name]}  # its lever
+            first = max(tried[:4], key=lambda t: t["validation_accuracy"])  # the fifth: the best with distillation
+            assert tried[4]["settings"] == {**first["settings"], **pareto.DISTILL}
             picked = saved["tuning"]["methods"][name]["picked"]
             assert all(p["settings"] == picked for p in saved["points"] if p["method"] == name)
-        for name in speed_methods:  # on the speed axis: three, then rounding, then distillation, on the best
+        for name in speed_methods:  # on the speed axis: four, then rounding, then distillation, on the best
             tried = saved["speed"]["tuning"]["methods"][name]["tried"]
-            assert len(tried) == 5 and tried[3]["settings"].items() >= pareto.ROUNDING[name].items()
-            assert tried[4]["settings"].items() >= pareto.DISTILL.items()
+            assert len(tried) == 6 and tried[4]["settings"].items() >= pareto.ROUNDING[name].items()
+            assert tried[5]["settings"].items() >= pareto.DISTILL.items()
+            assert tried[3]["settings"] == {**pareto.base(name, "target_speedup"),
+                                            **pareto.LEVERS["target_speedup"][name]}
             # a setting that fell short of the target is picked only when none reached it
             (picked,) = [t for t in tried if t["settings"] == saved["speed"]["tuning"]["methods"][name]["picked"]][:1]
             assert picked["reached"] or not any(t["reached"] and t["validation_accuracy"] is not None for t in tried)
@@ -324,13 +331,12 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         # the prune stage met the target as measured there (within the tie of timing noise); the fresh A/B
         # measurement of the export after fine-tuning is noisier on a shared machine
         assert p["speedup_at_prune"] * 1.03 >= 1.3 and p["speedup_b1"] > 1.0, p
-    # the ranks below the multiple against ranks in multiples of 16, when the recipe as tuned uses the default
-    rows = saved["speed"]["ablation"]
-    if saved["speed"]["tuning"]["methods"][pareto.NEW_RECIPE]["picked"].get("rank_multiple"):
-        assert rows == []
-    else:
-        assert [a["ablation"] for a in rows][1] == "ranks in multiples of 16 only"
-        assert json.loads((Path(rows[1]["folder"]) / "config.json").read_text())["rank_multiple"] == 16
+    # every point names how its method cut: filter pruning gradually, as SVD training, unless tuning chose one shot;
+    # a gradual one logs each cut with the accuracy right after it
+    for p in (p for p in speed if "unreachable" not in p):
+        cuts = p["settings"].get("prune_cuts", RunConfig().prune_cuts)
+        assert p["schedule"] == (f"{cuts} cuts on the cubic schedule" if cuts else "one cut")
+        assert not cuts or (p["cuts"] and all(0 <= c["accuracy"] <= 100 for c in p["cuts"]))
     bars = saved["bars"]
     assert set(bars["matched_speed"]) == {"1.5x", "2x", "2.5x", "3x"} and "2x" in bars["matched_serving"]
     assert {m: len(e["accuracy"]) for m, e in bars["seeds"].items()} == {"svd_gradual": 2, "filter_pruning": 2}
@@ -339,6 +345,25 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- pareto:start -->" in text and "Bars (the new recipe" in text and "python benchmarks/pareto.py" in text
     assert "Ablation of `svd_gradual`" in text and "### At matched measured speed" in text and "unreachable" in text
+    if data == "fashion_mnist":
+        assert "Tuning budget (validation settings tried, levers included; the same for every method)" in text
+
+
+def test_a_tuning_is_reused_only_from_the_same_dense_model(tmp_path):
+    """--tuning-from takes the settings a --tune-only run picked only when this sweep's dense model is that run's
+    (same model, and the same seed-0 accuracy: the runs are deterministic on a CPU)."""
+    import argparse
+
+    pareto = load_benchmark("pareto")
+    path = tmp_path / "pareto_tuning.json"
+    path.write_text(json.dumps({"model": "resnet20", "dense_accuracy": 90.41, "speed": {"svd_gradual": {}}}))
+    args = argparse.Namespace(tuning_from=str(path), model="resnet20")
+    assert pareto._earlier_tuning(args, 90.41)["speed"] == {"svd_gradual": {}}
+    with pytest.raises(SystemExit, match="tune again"):
+        pareto._earlier_tuning(args, 90.4)
+    with pytest.raises(SystemExit, match="tune again"):
+        pareto._earlier_tuning(argparse.Namespace(tuning_from=str(path), model="mobilenetv2"), 90.41)
+    assert pareto._earlier_tuning(argparse.Namespace(tuning_from=None, model="resnet20"), 90.41) == {}
 
 
 def test_interpolation_along_a_curve():

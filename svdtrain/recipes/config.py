@@ -117,6 +117,9 @@ class RunConfig:
         "sparsify, on a cubic schedule ending at the budget; filter_pruning, group_sl: the same with channels "
         "(filter_pruning then trains through sparsify at lr); 0 = one cut in the prune stage (the paper, and the "
         "one-shot filter prunings); truncated_svd, whitened_svd and trp ignore it")))
+    cut_eval_images: int = field(default=0, metadata=_range(0, doc=(
+        "with prune_cuts: after each cut, the accuracy of the model as cut on this many evaluation images (drawn "
+        "across classes), logged with the cut in sparsify/cuts.json (where two methods' curves part); 0 = off")))
     bn_recalibrate: int = field(default=2048, metadata=_range(0, doc=(
         "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "
         "many training images; 0 = off")))

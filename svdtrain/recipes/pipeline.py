@@ -81,6 +81,7 @@ class Run:
     def __init__(self, folder: Path, cfg: RunConfig, echo=print):
         self.folder, self.cfg, self._echo = Path(folder), cfg, echo
         self.building: dict[str, Path] = {}  # stage -> the hidden folder it is being built in (see run_stage)
+        self.cuts: list[dict] = []  # the gradual cuts made since this process started the sparsify stage
 
     def echo(self, text: str):
         if self.cluster.main:
@@ -412,7 +413,20 @@ class Run:
                 said.append(f"FLOPs {report.flops_after / report.dense_flops:.3f} of dense")
             said.append(f"params {report.params_after / report.dense_params:.3f} of dense")
             self.echo(f"  rank cut at {progress:.0%} of the stage: {', '.join(said[:2])}")
+            self.log_cut(model, progress, flops=report.flops_after and report.flops_after / report.dense_flops,
+                         latency=report.latency_after_ms and report.latency_after_ms / report.dense_latency_ms)
         return report.cut
+
+    def log_cut(self, model: nn.Module, progress: float, **measured):
+        """A gradual cut's row of sparsify/cuts.json; with cut_eval_images, the model's accuracy right after it."""
+        row = {"progress": progress, **measured}
+        if self.cfg.cut_eval_images:
+            training = model.training
+            split = self.data.test.subset(self.cfg.cut_eval_images, "cut_eval_images")
+            row["accuracy"] = evaluate(model, self.data, split, self.cfg, self.cluster)[0]
+            model.train(training)  # evaluation leaves it in eval mode; training goes on
+            self.echo(f"  accuracy right after the cut: {row['accuracy']:.2f} % on {len(split):,} images")
+        self.cuts.append(row)
 
     def measured_speedup(self, model: nn.Module) -> dict:
         """{speedup, speedup_iqr}: `model` (SVD form) exported for the deployment against its dense form, as the
@@ -474,6 +488,7 @@ class Run:
         reached = f"{out['speedup']:.2f}× the dense model's speed measured on {cfg.export_backend}" \
             if "speedup" in out else f"FLOPs {out['flops'] / out['dense_flops']:.3f} of dense"
         self.echo(f"  channel cut at {progress:.0%} of the stage: {_channels_removed(out)}, {reached}")
+        self.log_cut(model, progress, flops=out["flops"] / out["dense_flops"], speedup=out.get("speedup"))
         return True
 
     def excluded(self, model: nn.Module) -> list[nn.Module]:
@@ -557,6 +572,8 @@ def stage_sparsify(run: Run) -> dict:
         accuracy = _sparsify_filters(run, model)
     else:
         accuracy = run.result("train")["accuracy"]
+    if run.cuts:
+        run.write_in("sparsify", "cuts.json", json.dumps(run.cuts, indent=1) + "\n")
     form = "svd" if svd_layers(model) else "dense"
     result = {"form": form, "accuracy": accuracy, "seconds": time.perf_counter() - started}
     run.finish("sparsify", result, model)
