@@ -16,16 +16,18 @@ model), its batch-norm statistics are re-estimated (every method gets this help)
 and it is fine-tuned. The dense model is trained with `--seeds` seeds so the
 noise is visible; seed 0's checkpoint is the shared one.
 
-Before the test sweep, each method tries four settings at one budget on a validation split cut
-from the training images (the same tuning budget for every method: three of its own, then the best
-of them with distillation from the dense model) and keeps the best one; after it, the new recipe
-(svd_gradual) is run minus each of its levers at one budget.
+SVD training and both filter prunings cut gradually (8 cuts on the cubic schedule during the compress phase);
+one-shot filter pruning is a setting its tuning tries. Before the test sweep, each method tries five settings
+at one budget on a validation split cut from the training images (the same tuning budget for every method:
+four of its own, the fourth its lever (LEVERS), then the best of them with distillation from the dense model)
+and keeps the best one; after it, the new recipe (svd_gradual) is run minus each of its levers at one budget.
 
 The speed axis (`--axes speed`) runs points at measured speed targets (`target_speedup`, the tool's deployment
-settings: ONNX Runtime at batch 1 on 1 thread) for SVD training, truncated SVD and both filter prunings, tuned the
-same way at one target with a fifth setting (the rounding of ranks or channel counts), plus a second compression
-seed at one target and an ablation of the ranks below the multiple. Every point of either axis is timed against the
-dense model on ONNX Runtime at the deployment and at batch 32.
+settings: ONNX Runtime at batch 1 on 1 thread) for SVD training, truncated SVD (spatial-wise) and both filter
+prunings, tuned the same way at one target with a sixth setting (the rounding of ranks or channel counts), plus a
+second compression seed at one target. Every point of either axis is timed against the dense model on ONNX Runtime
+at the deployment and at batch 32; the gradual methods' test points log the accuracy right after each cut.
+`--tune-only` stops after the tuning (pareto_tuning.json), `--tuning-from` runs the test sweep from its picks.
 
 Writes pareto.json (one record per point), pareto.png, and the "pareto" section
 of RESULTS.md (tables, the plot, the bars, and the commands).
@@ -404,7 +406,7 @@ def sweep(args) -> dict:
     if "flops" in args.axes:
         for name in args.methods:
             records += test.points(name, picked[name], args.targets)
-    speed = speed_axis(args, shared, common, test, earlier.get("speed")) if "speed" in args.axes else None
+    speed = speed_axis(args, shared, common, test, earlier) if "speed" in args.axes else None
     ablation_records = []
     if "flops" in args.axes and NEW_RECIPE in args.methods and args.ablation_target:
         (full,) = [p for p in records if p["method"] == NEW_RECIPE and p["knob_value"] == args.ablation_target] or [None]
@@ -451,15 +453,16 @@ def _earlier_tuning(args, dense_accuracy: float) -> dict:
     return earlier
 
 
-def speed_axis(args, checkpoint: str, common: dict, test: "Sweep", tuning: dict | None = None) -> dict:
-    """Every speed method tuned on the validation split at one speed target (or as `tuning` says), then run at
-    each of --speed-targets, and once more with compression seed 1 (same dense checkpoint) at --seed-target."""
+def speed_axis(args, checkpoint: str, common: dict, test: "Sweep", earlier: dict) -> dict:
+    """Every speed method tuned on the validation split at one speed target (or as an `earlier` --tune-only run
+    picked), then run at each of --speed-targets, and once more with compression seed 1 (same dense checkpoint) at
+    --seed-target."""
     t0 = time.perf_counter()
     methods = args.speed_methods
-    if tuning is None:
-        tuning = tune(args, checkpoint, common, methods, "target_speedup", args.tune_speedup) \
-            if args.tune_subset >= 0 else {}
-    tuning_wall = time.perf_counter() - t0
+    tuning = earlier.get("speed") if earlier else \
+        tune(args, checkpoint, common, methods, "target_speedup", args.tune_speedup) if args.tune_subset >= 0 else {}
+    # a tuning run of its own: its command, and its wall with its dense model
+    tuning_wall, tuned_by = (earlier["wall_s"], earlier["command"]) if earlier else (time.perf_counter() - t0, None)
     picked = {name: tuning[name]["picked"] if name in tuning else base(name, "target_speedup") for name in methods}
     records = []
     for name in methods:
@@ -479,7 +482,8 @@ def speed_axis(args, checkpoint: str, common: dict, test: "Sweep", tuning: dict 
             "deployment": DEPLOYMENT, "serving": {"backend": "onnxruntime", "batch": SERVING_BATCH,
                                                   "threads": args.threads},
             "tuning": {"target_speedup": args.tune_speedup, "val_subset": args.val_subset,
-                       "train_subset": args.tune_subset, "methods": tuning, "wall_s": tuning_wall},
+                       "train_subset": args.tune_subset, "methods": tuning, "wall_s": tuning_wall,
+                       **({"command": tuned_by} if tuned_by else {})},
             "points": records, "wall_s": time.perf_counter() - t0}
 
 
@@ -845,7 +849,9 @@ def _speed_markdown(result: dict) -> list[str]:
             "channel counts in multiples of 8: Torch-Pruning's round_to), then the best so far with distillation "
             f"({t['wall_s'] / 60:.0f} min). A target the picked setting cannot reach with its rounding is run with "
             "the same setting without it, for every method. A setting that fell short of the target (beyond the "
-            "3 % tie of timing noise) wins only if none reached it.",
+            "3 % tie of timing noise) wins only if none reached it."
+            + (f" The tuning ran as its own command, `{t['command']}` ({t['wall_s'] / 60:.0f} min with its dense "
+               "model, the same seed-0 checkpoint as here), and this sweep took its picks." if t.get("command") else ""),
             "",
             _budget_line(t["methods"]),
             "",
