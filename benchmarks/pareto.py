@@ -137,7 +137,7 @@ ALTERNATIVES = {
 # multiples of 16 only (no rank below the multiple where measured faster); at matched FLOPs, channel-wise layers.
 # Truncated SVD: the other decomposition (on the speed axis it starts spatial-wise, as channel-wise pairs reach no
 # speed target). Filter pruning: one cut (at its best fine-tuning lr of the earlier sweeps) instead of gradual
-# cuts. Group sparsity learning: a third strength (DepGraph's reg spans 1e-4 to 2e-3 in Torch-Pruning's scripts).
+# cuts. Group sparsity learning: a third strength, above the two its earlier tunings tried.
 LEVERS = {
     "prune_flops": {"svd_gradual": {"decomposition": "channel"}, "truncated_svd": {"decomposition": "spatial"},
                     "filter_pruning": {"prune_cuts": 0, "finetune_lr": 1e-3}, "group_sl": {"group_sl_reg": 2e-3},

@@ -243,11 +243,11 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
 
     if reference is not model:
         as_it_is = copy.deepcopy(model).eval()
+        current = svdtrain.count_flops(as_it_is, example_inputs)
         measured = speed(as_it_is) if speedup is not None else {}
-        if (measured["speedup"] * TIE >= speedup) if measured else \
-                svdtrain.count_flops(as_it_is, example_inputs) <= flops * dense:
-            return {"cut": False, "channel_ratio": 0.0, "global_steps": 0,
-                    "flops": svdtrain.count_flops(as_it_is, example_inputs), "dense_flops": dense, **measured}
+        if (measured["speedup"] * TIE >= speedup) if measured else current <= flops * dense:
+            return {"cut": False, "channel_ratio": 0.0, "global_steps": 0, "flops": current, "dense_flops": dense,
+                    **measured}
     # The cost is not monotone in the ratio once channel counts are rounded (a ratio past what rounding allows
     # prunes nothing), so the least fitting ratio on a coarse grid comes first, then bisection below it.
     grid = [i / 10 for i in range(1, 10)]
@@ -277,8 +277,8 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
         hi = min(grid[-1], hi + 0.02)
         result = pruned(hi)
         measured = speed(result)
-    out = {"cut": True, "channel_ratio": hi, "global_steps": steps, "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense,
-           **measured}
+    out = {"cut": True, "channel_ratio": hi, "global_steps": steps,
+           "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense, **measured}
     _adopt(model, result)
     return out
 

@@ -208,7 +208,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2 sized for 28–32² images: the paper's blocks (expansion t, width c, repeats n, stride s), with the
     3×3 stem and the 160-wide stage at stride 1 (three downsamplings: 4² left at 28² inputs), and the widths scaled
-    by `width` (0.5: a 2-core CPU trains it about as fast as ResNet-20), the last 1×1 conv to 640."""
+    by `width` (half by default, to train on a small CPU in the time ResNet-20 takes), the last 1×1 conv to 640."""
 
     SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1),
                 (6, 320, 1, 1))

@@ -395,12 +395,16 @@ class Run:
         device = next(model.parameters()).device
         return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), **options)
 
-    def gradual_cut(self, model: nn.Module, progress: float) -> bool:
-        """One cut of the cubic schedule (Zhu & Gupta's gradual pruning): at `progress` p of the stage the
-        model may keep budget + (1 − budget)·(1 − p)³ of the dense latency / FLOPs / params, so most ranks go
-        early, while the network still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
+    def scheduled_fraction(self, progress: float) -> float:
+        """The cubic schedule (Zhu & Gupta's gradual pruning): at `progress` p of the stage the model may keep
+        budget + (1 − budget)·(1 − p)³ of the dense latency / FLOPs / params, so most goes early, while the network
+        still has many steps to adapt, and the last cut (p = 1) lands on the budget."""
         budget = self.budget_fraction
-        report = self.prune(model, budget + (1 - budget) * (1 - progress) ** 3)
+        return budget + (1 - budget) * (1 - progress) ** 3
+
+    def gradual_cut(self, model: nn.Module, progress: float) -> bool:
+        """One rank cut of the cubic schedule (`scheduled_fraction`)."""
+        report = self.prune(model, self.scheduled_fraction(progress))
         if report.cut:
             said, anchor = [], report.latency_anchor
             if report.latency_after_ms is not None:
@@ -463,13 +467,12 @@ class Run:
                                  round_to=cfg.round_to or None, reference=reference)
 
     def gradual_channel_cut(self, model: nn.Module, progress: float, dense: nn.Module) -> bool:
-        """One cut of the cubic schedule (as `gradual_cut`) for the filter prunings: channels are removed until the
-        model keeps at most budget + (1 − budget)·(1 − p)³ of the dense FLOPs, or runs at least that fraction's
-        inverse times the dense model's speed, measured on the deployment against `dense` (the train stage's
-        model). Decided by rank 0 on a CPU copy; every process then takes its weights. Returns whether channels
-        were removed (the parameters are then new)."""
-        budget, cfg = self.budget_fraction, self.cfg
-        fraction = budget + (1 - budget) * (1 - progress) ** 3
+        """One cut of the cubic schedule (`scheduled_fraction`) for the filter prunings: channels are removed until
+        the model keeps at most that fraction of the dense FLOPs, or runs at least its inverse times the dense
+        model's speed, measured on the deployment against `dense` (the train stage's model). Decided by rank 0 on a
+        CPU copy; every process then takes its weights. Returns whether channels were removed (the parameters are
+        then new)."""
+        cfg, fraction = self.cfg, self.scheduled_fraction(progress)
 
         def decide():
             candidate = copy.deepcopy(model).cpu()
