@@ -20,14 +20,19 @@ SVD training and both filter prunings cut gradually (8 cuts on the cubic schedul
 one-shot filter pruning is a setting its tuning tries. Before the test sweep, each method tries five settings
 at one budget on a validation split cut from the training images (the same tuning budget for every method:
 four of its own, the fourth its lever (LEVERS), then the best of them with distillation from the dense model)
-and keeps the best one; after it, the new recipe (svd_gradual) is run minus each of its levers at one budget.
+and keeps the best one. SVD training and the filter pruning that validation ranks first (`--seed-methods`) run again
+with a second compression seed at every budget. A lever is decided on the validation split only: the test set gives
+each point's figure once, after every choice is made.
 
 The speed axis (`--axes speed`) runs points at measured speed targets (`target_speedup`, the tool's deployment
 settings: ONNX Runtime at batch 1 on 1 thread) for SVD training, truncated SVD (spatial-wise) and both filter
 prunings, tuned the same way at one target with a sixth setting (the rounding of ranks or channel counts), plus a
 second compression seed at one target. Every point of either axis is timed against the dense model on ONNX Runtime
 at the deployment and at batch 32; the gradual methods' test points log the accuracy right after each cut.
-`--tune-only` stops after the tuning (pareto_tuning.json), `--tuning-from` runs the test sweep from its picks.
+`--tune-only` stops after the tuning (pareto_tuning.json), `--tuning-from` runs the test sweep from its picks,
+`--dense-from` takes the dense models of an earlier sweep (so that both axes, run as separate commands, start from
+one checkpoint). `--model mobilenetv2` sweeps the second architecture; its section goes to RESULTS.md beside
+ResNet-20's.
 
 Writes pareto.json (one record per point), pareto.png, and the "pareto" section
 of RESULTS.md (tables, the plot, the bars, and the commands).
@@ -63,9 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 2·‖s‖₁/‖s‖₂ ≈ 8 times Hoyer's here, so it gets 0.1 / 8 ≈ 0.01. TRP uses its code's settings
 # (nuclear weight 3e-4, truncation keeping 90 % energy) with a truncation every 20 steps.
 # svd_gradual is SVD training with its ranks cut toward the budget 8 times during sparsify (cubic
-# schedule) instead of once after it, spatial-wise (it won over channel-wise on the validation split
-# in an earlier tuning, 85.86 vs 83.82 % at FLOPs 0.25; the ablation measures it on every sweep);
-# svd and svd_spatial are the paper's recipe (one cut).
+# schedule) instead of once after it, spatial-wise (channel-wise is its lever on the FLOPs axis, tried on the
+# validation split); svd and svd_spatial are the paper's recipe (one cut).
 _PAPER = {"method": "svd", "decomposition": "channel", "prune_cuts": 0}  # one cut after sparsify
 METHODS = {
     "svd": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1},
@@ -87,10 +91,7 @@ METHODS = {
     "svd_l1": {**_PAPER, "sparsity": "l1", "lambda_s": 0.3},
     "svd_hoyer_square": {**_PAPER, "sparsity": "hoyer_square", "lambda_s": 0.01},
 }
-# svd_spatial is left out of the default sweep for time: the ablation's "one cut after sparsify" row is
-# the same recipe (spatial-wise, one cut) with svd_gradual's tuned fine-tuning.
-# The paper's one-cut recipe (svd) is left out of the default sweep for time (--methods adds it): the
-# ablation's "one cut after sparsify" row measures that lever on every sweep.
+# The paper's one-cut recipes (svd, svd_spatial) are left out of the default sweep for time (--methods adds them).
 DEFAULT_METHODS = ("svd_gradual", "truncated_svd", "trp", "filter_pruning", "group_sl")
 BASELINES = ("truncated_svd", "whitened_svd", "trp", "filter_pruning", "group_sl")
 FILTER_BASELINES = ("filter_pruning", "group_sl")  # the speed bars hold against the better of the two
@@ -170,16 +171,6 @@ def candidates(name: str, knob: str = "prune_flops") -> list[dict]:
     own = base(name, knob)
     return [own, {**own, **ALTERNATIVES[name]}, {**own, **LOWER_FINETUNE_LR},
             {**own, **LEVERS.get(knob, {}).get(name, DEFAULT_LEVER)}]
-
-
-def ablations(recipe: dict) -> dict[str, dict]:
-    """The new recipe (as tuned) minus one lever at a time."""
-    other = "channel" if recipe.get("decomposition", "channel") == "spatial" else "spatial"
-    without_distillation = {"no distillation": {k: v for k, v in recipe.items() if k != "distill"}} \
-        if recipe.get("distill") else {}
-    return {**without_distillation, "no batch-norm recalibration": {**recipe, "bn_recalibrate": 0},
-            "one cut after sparsify (no gradual cuts)": {**recipe, "prune_cuts": 0},
-            f"{other}-wise instead": {**recipe, "decomposition": other}}
 
 
 BUDGET_KEYS = ("target_speedup", "prune_flops", "prune_params")
@@ -336,7 +327,7 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
             tried.append({"settings": settings, "validation_accuracy": record.get("accuracy"),
                           "validation_accuracy_after_prune": record.get("accuracy_after_prune"),
                           "wall_s": record.get("wall_s", 0.0) + record.get("shared_wall_s", 0.0),
-                          "speedup_at_prune": record.get("speedup_at_prune"),
+                          "speedup_at_prune": record.get("speedup_at_prune"), "compress_phase": record.get("compress_phase"),
                           "reached": knob != "target_speedup" or (record.get("speedup_at_prune") or 0.0) * TIE >= target,
                           **({"unreachable": record["unreachable"]} if "unreachable" in record else {})})
         picked = best(tried)
@@ -365,13 +356,16 @@ def sweep(args) -> dict:
 
     dense_runs = []
     for seed in range(args.seeds):
-        _say(f"dense model, seed {seed}")
-        t0 = time.perf_counter()
-        run = Run.create(RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs,
-                                   **NO_BUDGET, **common))
-        result = run_stage(run, "train")
+        cfg = RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs, **NO_BUDGET, **common)
+        run = _earlier_dense(args.dense_from, cfg, work) if args.dense_from else None
+        if run is None:
+            _say(f"dense model, seed {seed}")
+            run = Run.create(cfg)
+            run_stage(run, "train")
+        result = run.result("train")
         dense_runs.append({"seed": seed, "accuracy": result["accuracy"], "epochs": args.dense_epochs,
-                           "wall_s": time.perf_counter() - t0, "folder": str(run.folder)})
+                           "wall_s": result["seconds"], "folder": str(run.folder),
+                           **({"trained_by": args.dense_from} if args.dense_from else {})})
     shared = str(Path(dense_runs[0]["folder"]) / "train" / "final.pt")
     x = Run.open(dense_runs[0]["folder"]).example_input()
     dense_model = Run.open(dense_runs[0]["folder"]).model_after("train")
@@ -406,17 +400,10 @@ def sweep(args) -> dict:
     if "flops" in args.axes:
         for name in args.methods:
             records += test.points(name, picked[name], args.targets)
+        for name in seeded(args.seed_methods, args.methods, tuning):
+            for record in test.points(f"{name}-seed1", {**picked[name], "seed": 1}, args.targets):
+                records.append({**record, "method": name})
     speed = speed_axis(args, shared, common, test, earlier) if "speed" in args.axes else None
-    ablation_records = []
-    if "flops" in args.axes and NEW_RECIPE in args.methods and args.ablation_target:
-        (full,) = [p for p in records if p["method"] == NEW_RECIPE and p["knob_value"] == args.ablation_target] or [None]
-        for label, settings in ablations(picked[NEW_RECIPE]).items():
-            same = [p for p in records if p["knob_value"] == args.ablation_target  # the same run, another name
-                    and resolved(p["settings"], args.ablation_target) == resolved(settings, args.ablation_target)]
-            (record,) = same[:1] or test.points(f"ablation-{len(ablation_records)}", settings, [args.ablation_target])
-            ablation_records.append({**record, "ablation": label, "same_run_as": same[0]["method"] if same else None})
-        if full is not None:
-            ablation_records.insert(0, {**full, "ablation": "the recipe as tuned", "same_run_as": NEW_RECIPE})
 
     return {
         "benchmark": "pareto",
@@ -431,13 +418,36 @@ def sweep(args) -> dict:
         "tuning": {"target": args.tune_target, "val_subset": args.val_subset, "train_subset": args.tune_subset,
                    "methods": tuning, "wall_s": tuning_wall},
         "dense": dense, "points": records,
-        "ablation": {"target": args.ablation_target, "points": ablation_records},
         **({"speed": speed} if speed else {}),
         "wall_s": time.perf_counter() - started,
         "environment": {"device": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads",
                         "torch": torch.__version__, "svdtrain": svdtrain.__version__,
                         "python": platform.python_version()},
     }
+
+
+# What may differ between a dense run of an earlier sweep and the one this sweep would train: where it lives and how it
+# was run, nothing that changes the model.
+RUN_ONLY = ("out_dir", "threads", "latency_repeats", "progress", "workers")
+
+
+def _earlier_dense(folder: str, cfg: RunConfig, work: Path) -> Run:
+    """The dense run of seed `cfg.seed` from an earlier sweep's work folder (--dense-from), copied into this sweep's:
+    the same checkpoint for every axis swept as its own command. Refused unless it was trained as this sweep would
+    train it."""
+    found = sorted(Path(folder).glob(f"{cfg.name}-*"))
+    if not found:
+        raise SystemExit(f"--dense-from {folder}: no {cfg.name}-* run folder there")
+    earlier = Run.open(found[-1])
+    differ = [k for k, v in vars(cfg).items() if k not in RUN_ONLY and getattr(earlier.cfg, k) != v]
+    if differ:
+        raise SystemExit(f"--dense-from {folder}: {found[-1].name} was trained with other settings ("
+                         + ", ".join(f"{k}={getattr(earlier.cfg, k)!r}, here {getattr(cfg, k)!r}" for k in differ)
+                         + "); drop --dense-from to train it here")
+    earlier.result("train")  # finished
+    shutil.copytree(found[-1], work / found[-1].name, ignore=shutil.ignore_patterns("epoch_*.pt", "tb"))
+    _say(f"dense model, seed {cfg.seed}: {found[-1]}")
+    return Run.open(work / found[-1].name)
 
 
 def _earlier_tuning(args, dense_accuracy: float) -> dict:
@@ -451,6 +461,22 @@ def _earlier_tuning(args, dense_accuracy: float) -> dict:
                          f"{earlier.get('dense_accuracy')} %; this sweep's is {args.model} at {dense_accuracy} %: "
                          "tune again (drop --tuning-from)")
     return earlier
+
+
+def seeded(names: list[str], methods: list[str], tuning: dict) -> list[str]:
+    """The methods of --seed-methods that this axis runs; `best_filter` names the filter pruning whose picked setting
+    scored highest on the validation split (every filter pruning of the axis when nothing was tuned)."""
+    def validated(name: str) -> float:
+        return next(t["validation_accuracy"] or 0.0 for t in tuning[name]["tried"] if t["settings"] == tuning[name]["picked"])
+
+    filters = [m for m in FILTER_BASELINES if m in methods]
+    tuned = [m for m in filters if m in tuning]
+    out = []
+    for name in names:
+        for method in ([max(tuned, key=validated)] if tuned else filters) if name == "best_filter" else [name]:
+            if method in methods and method not in out:
+                out.append(method)
+    return out
 
 
 def speed_axis(args, checkpoint: str, common: dict, test: "Sweep", earlier: dict) -> dict:
@@ -474,7 +500,7 @@ def speed_axis(args, checkpoint: str, common: dict, test: "Sweep", earlier: dict
                 (record,) = test.points(f"{name}-unrounded", unrounded, [record["knob_value"]], knob="target_speedup")
                 record = {**record, "method": name, "unrounded": True}
             records.append(record)
-    for name in [m for m in args.seed_methods if m in methods]:
+    for name in seeded(args.seed_methods, methods, tuning):
         for record in test.points(f"{name}-seed1", {**picked[name], "seed": 1}, [args.seed_target],
                                   knob="target_speedup"):
             records.append({**record, "method": name})
@@ -566,10 +592,28 @@ def speed_bars(result: dict) -> dict:
             "overlap": overlap}
 
 
+def flops_seeds(result: dict) -> dict:
+    """Each method run with two compression seeds on the FLOPs axis: its accuracy interpolated at 3× and 4× fewer
+    conv FLOPs on each seed's curve, and their mean."""
+    curves = {}
+    for p in result["points"]:
+        curves.setdefault(p["method"], {}).setdefault(p.get("seed", 0), []).append(p)
+    out = {}
+    for method, by_seed in curves.items():
+        if len(by_seed) < 2:
+            continue
+        out[method] = {}
+        for r in (3, 4):
+            values = [interpolate(pts, r) for _, pts in sorted(by_seed.items())]
+            out[method][f"{r}x"] = {"accuracy": values, "mean": None if None in values else statistics.mean(values)}
+    return out
+
+
 def bars(result: dict) -> dict:
     by_method = {}
     for p in result["points"]:
-        by_method.setdefault(p["method"], []).append(p)
+        if p.get("seed", 0) == 0:  # seed 0's curves; the second seed's in flops_seeds
+            by_method.setdefault(p["method"], []).append(p)
     dense = result["dense"]["accuracy_mean"]
     matched = {f"{r}x": {m: interpolate(pts, r) for m, pts in by_method.items()} for r in (2, 3, 4, 5)}
     after_prune = {f"{r}x": {m: interpolate(pts, r, "accuracy_after_prune") for m, pts in by_method.items()}
@@ -589,7 +633,16 @@ def bars(result: dict) -> dict:
                "accuracy_3x": at3, "delta_3x": None if at3 is None else at3 - dense,
                "within_1_point_3x": None if at3 is None else at3 >= dense - 1.0,
                "before_finetune_3x": before3, "before_finetune_3x_at_least_80": None if before3 is None else before3 >= 80}
-    return {"matched": matched, "matched_after_prune": after_prune, "new_recipe": new,
+    seeds = flops_seeds(result)
+    if NEW_RECIPE in seeds:
+        for key in ("3x", "4x"):
+            ours = seeds[NEW_RECIPE][key]["mean"]
+            rivals = {m: e[key]["mean"] for m, e in seeds.items() if m in FILTER_BASELINES and e[key]["mean"] is not None}
+            rival = max(rivals, key=rivals.get) if rivals else None
+            new[f"seeds_{key}"] = {"mean": ours, "filter_pruning": rival, "filter_pruning_mean": rivals.get(rival),
+                                   "at_least_filter_plus_0.3": None if ours is None or rival is None
+                                   else ours >= rivals[rival] + 0.3}
+    return {"matched": matched, "matched_after_prune": after_prune, "new_recipe": new, "flops_seeds": seeds,
             "variant_at_least_baseline": {v: {b: at_least(v, b) for b in BASELINES if b in by_method}
                                           for v in variants}, **speed_bars(result)}
 
@@ -627,9 +680,10 @@ def plot(result: dict, path: Path):
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "flops":
-            _panel(ax, result["dense"], result["points"], "conv_flops_reduction",
+            _panel(ax, result["dense"], [p for p in result["points"] if p.get("seed", 0) == 0], "conv_flops_reduction",
                    "conv FLOPs reduction (× fewer than dense)",
-                   f"ResNet-20 on {result['data']}: accuracy vs FLOPs, same budget for every method")
+                   f"{MODEL_NAMES.get(result.get('model', 'resnet20'))} on {result['data']}: accuracy vs FLOPs, "
+                   "same budget for every method")
         else:
             reached = [p for p in speed["points"] if "unreachable" not in p and p["seed"] == 0]
             _panel(ax, speed.get("dense", result["dense"]), reached, "speedup_b1",
@@ -638,6 +692,9 @@ def plot(result: dict, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+MODEL_NAMES = {"resnet20": "CIFAR ResNet-20", "mobilenetv2": "MobileNetV2 (half width)"}
 
 
 def _fmt(value, suffix="") -> str:
@@ -674,7 +731,9 @@ def _budget_line(methods: dict) -> str:
 
 
 def markdown(result: dict, png: str) -> str:
-    lines = ["## Accuracy vs FLOPs and vs measured speed: SVD training and the baselines (`benchmarks/pareto.py`)",
+    model = result.get("model", "resnet20")
+    lines = ["## Accuracy vs FLOPs and vs measured speed: SVD training and the baselines"
+             + ("" if model == "resnet20" else f" on {MODEL_NAMES[model]}") + " (`benchmarks/pareto.py`)",
              "", f"![pareto]({png})", ""]
     if result["points"]:
         lines += _flops_markdown(result)
@@ -693,7 +752,7 @@ def _flops_markdown(result: dict) -> list[str]:
         f"Command: `{result['command']}` — {result['environment']['device']}, torch "
         f"{result['environment']['torch']}, {result['wall_s'] / 60:.0f} min wall.",
         "",
-        f"Setting: CIFAR ResNet-20 on {result['data']} ({result['train_subset'] or 'all'} training images, "
+        f"Setting: {MODEL_NAMES[result.get('model', 'resnet20')]} on {result['data']} ({result['train_subset'] or 'all'} training images, "
         f"full test set unless a subset is named: test_subset={result['test_subset']}), Adam lr "
         f"{result['optimizer']['lr']} (fine-tuning {result['optimizer']['finetune_lr']}), batch "
         f"{result['optimizer']['batch_size']}, {result['optimizer']['schedule']} schedule per phase. Dense model: "
@@ -734,21 +793,21 @@ def _flops_markdown(result: dict) -> list[str]:
         + ("on ONNX Runtime at the deployment (batch 1, 1 thread) and at the serving setting (batch 32, the "
            "sweep's threads)." if on_ort else "on PyTorch eager at batch 1 and 32 on the sweep's threads."),
         "",
-        "| method | FLOPs budget | accuracy (%) | Δ vs dense mean | after the cut, before fine-tuning (%) | "
+        "| method | seed | FLOPs budget | accuracy (%) | Δ vs dense mean | after the cut, before fine-tuning (%) | "
         "conv FLOPs reduction | total FLOPs reduction | params | "
         + ("deployment | serving" if on_ort else "eager b1 | eager b32") + " | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
         lines.append(
-            f"| {p['method']} | {p['knob_value']} | {p['accuracy']:.2f} | {p['accuracy'] - d['accuracy_mean']:+.2f} | "
+            f"| {p['method']} | {p.get('seed', 0)} | {p['knob_value']} | {p['accuracy']:.2f} | {p['accuracy'] - d['accuracy_mean']:+.2f} | "
             f"{p['accuracy_after_prune']:.2f} | {p['conv_flops_reduction']:.2f}× | {p['flops_reduction']:.2f}× | "
             f"{p['params']:,} | {_latency(p, 'b1')} | {_latency(p, 'b32')} | {p['wall_s'] + p['shared_wall_s']:.0f} |")
     methods = list(dict.fromkeys(p["method"] for p in result["points"]))
     lines += ["", "(wall: the point's own stages plus its compress phase, which the one-cut methods share between "
               "their budgets.)", "",
-              "Accuracy (%) interpolated at matched conv FLOPs reduction (linear in log FLOPs; — = outside the "
-              "curve), after fine-tuning and, in brackets, right after the cut:", "",
+              "Accuracy (%) interpolated at matched conv FLOPs reduction (seed 0's curves, linear in log FLOPs; — = "
+              "outside the curve), after fine-tuning and, in brackets, right after the cut:", "",
               "| reduction | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for key, row in b["matched"].items():
         before = b["matched_after_prune"][key]
@@ -767,19 +826,22 @@ def _flops_markdown(result: dict) -> list[str]:
             f"- at 3×, before fine-tuning (after the last cut and batch-norm recalibration) ≥ 80 %: "
             f"{_fmt(n['before_finetune_3x'], ' %')}: " + ("**met**" if n["before_finetune_3x_at_least_80"] else "**not met**"),
         ]
-    ablation = result.get("ablation", {}).get("points", [])
-    if ablation:
-        lines += ["", f"Ablation of `{NEW_RECIPE}` at FLOPs budget {result['ablation']['target']} (test set; each "
-                  "row removes one lever from the recipe as tuned):", "",
-                  "| variant | accuracy (%) | after the cut (%) | after the cut, before BN recalibration (%) | "
-                  "conv FLOPs reduction | run |", "|---|---:|---:|---:|---:|---|"]
-        for p in ablation:
-            run = p["same_run_as"] or ("own run from the recipe's compress phase"
-                                       if p.get("compress_phase") and p["compress_phase"] == ablation[0]["compress_phase"]
-                                       else "own run")
-            lines.append(f"| {p['ablation']} | {p['accuracy']:.2f} | {p['accuracy_after_prune']:.2f} | "
-                         f"{_fmt(p['accuracy_after_prune_before_bn_recalibration'])} | "
-                         f"{p['conv_flops_reduction']:.2f}× | {run} |")
+        for key in ("3x", "4x"):
+            e = n.get(f"seeds_{key}")
+            if e:
+                lines.append(f"- at {key.replace('x', '×')}, mean of two compression seeds ≥ the better filter pruning "
+                             f"+ 0.3: {_fmt(e['mean'], ' %')} against {e['filter_pruning'] or '—'} "
+                             f"{_fmt(e['filter_pruning_mean'], ' %')}: " + _met(e["at_least_filter_plus_0.3"]))
+    if b.get("flops_seeds"):
+        lines += ["", "Two compression seeds (same dense checkpoint), each seed's curve read at matched conv FLOPs "
+                  "reduction:", ""]
+        for m, e in b["flops_seeds"].items():
+            lines.append(f"- {m}: " + "; ".join(
+                f"{key.replace('x', '×')}: " + ", ".join(_fmt(a) for a in v["accuracy"]) + f" → mean {_fmt(v['mean'], ' %')}"
+                for key, v in e.items()))
+    cut_budget = min(result["targets"], key=lambda t: abs(t - 0.25))
+    lines += _cut_rows([p for p in result["points"] if p.get("seed", 0) == 0 and p["knob_value"] == cut_budget],
+                       f"seed 0 at FLOPs budget {cut_budget:g}")
     lines += [
         "",
         "Every SVD-training variant against each baseline (≥ at every matched reduction both curves reach):",
@@ -800,15 +862,18 @@ def _latency(p: dict, key: str) -> str:
     return f"{p[f'speedup_{key}']:.2f}× ({p[f'latency_{key}_ms']:.2f} vs {p[f'dense_latency_{key}_ms']:.2f} ms)"
 
 
-def _cut_rows(points) -> list[str]:
+def _cut_rows(points, where: str) -> list[str]:
     """The accuracy right after each gradual cut, per method (test images, before fine-tuning): where they part."""
     curves = {p["method"]: {round(c["progress"], 3): c["accuracy"] for c in p["cuts"]}
               for p in points if any("accuracy" in c for c in p.get("cuts", []))}
     if not curves:
         return []
     steps = sorted({k for curve in curves.values() for k in curve})
-    return ["", "Accuracy (%) right after each gradual cut (seed 0 at the seed target; during the compress phase, on "
-            "test images drawn across classes; — = that cut found nothing to remove):", "",
+    recalibrated = any("accuracy_before_bn_recalibration" in c for p in points for c in p.get("cuts", []))
+    return ["", f"Accuracy (%) right after each gradual cut ({where}; during the compress phase, on test images "
+            "drawn across classes" + (", with batch-norm statistics re-estimated on a copy as the prune stage does"
+                                      if recalibrated else ", with the batch-norm statistics training had then")
+            + "; — = that cut found nothing to remove):", "",
             "| stage progress | " + " | ".join(curves) + " |", "|---|" + "---:|" * len(curves),
             *[f"| {k:.0%} | " + " | ".join(_fmt(c.get(k)) for c in curves.values()) + " |" for k in steps]]
 
@@ -890,16 +955,8 @@ def _speed_markdown(result: dict) -> list[str]:
         for m, e in b["seeds"].items():
             lines.append(f"- {m}: " + ", ".join(f"{a:.2f} % at {v:.2f}×" for a, v in zip(e["accuracy"], e["speedup_b1"]))
                          + f" → mean {e['mean']:.2f} %")
-    lines += _cut_rows(p for p in speed["points"] if p["seed"] == 0 and p["knob_value"] == speed["seed_target"])
-    if speed.get("ablation"):
-        lines += ["", f"Ablation of `{NEW_RECIPE}` at target {speed['seed_target']:g}× (test set): the same recipe with "
-                  "its ranks kept to multiples of 16 (prune_'s default multiple of every 3×3 layer here), without the "
-                  "powers of two below it that a latency budget may take where they are measured faster:", "",
-                  "| variant | accuracy (%) | conv FLOPs reduction | deployment (IQR) | serving |", "|---|---:|---:|---:|---:|"]
-        for p in speed["ablation"]:
-            low, high = p["speedup_b1_iqr"]
-            lines.append(f"| {p['ablation']} | {p['accuracy']:.2f} | {p['conv_flops_reduction']:.2f}× | "
-                         f"{_latency(p, 'b1')} ({low:.2f}–{high:.2f}) | {_latency(p, 'b32')} |")
+    lines += _cut_rows([p for p in speed["points"] if p["seed"] == 0 and p["knob_value"] == speed["seed_target"]],
+                       "seed 0 at the seed target")
     n = b["new_recipe_speed"]
     if n:
         two, seeds_bar = n["2x"], n["seeds"]
@@ -937,15 +994,14 @@ def main(argv=None):
     parser.add_argument("--tune-subset", type=int, default=6000,
                         help="training images of the tuning runs (first N); -1 = no tuning, METHODS as written")
     parser.add_argument("--tune-target", type=float, default=0.25, help="FLOPs budget the settings are tuned at")
-    parser.add_argument("--ablation-target", type=float, default=0.25,
-                        help="FLOPs budget of the new recipe's ablation (one of --targets; 0 = none)")
     parser.add_argument("--axes", default="flops,speed",
                         help="flops: points at FLOPs budgets (--targets); speed: points at measured speed targets "
                              "(--speed-targets); with one axis, pareto.json keeps the other's results")
     parser.add_argument("--speed-targets", default="1.5,2,2.5,3", help="target_speedup of the speed axis's points")
     parser.add_argument("--speed-methods", default=",".join(SPEED_METHODS))
-    parser.add_argument("--seed-methods", default=",".join((NEW_RECIPE, *FILTER_BASELINES)),
-                        help="methods run with a second compression seed at --seed-target")
+    parser.add_argument("--seed-methods", default=f"{NEW_RECIPE},best_filter",
+                        help="methods run with a second compression seed at every --targets budget and at "
+                             "--seed-target; best_filter: the filter pruning validation ranks first")
     parser.add_argument("--seed-target", type=float, default=2.0)
     parser.add_argument("--tune-speedup", type=float, default=2.0, help="speed target the speed axis is tuned at")
     parser.add_argument("--max-batches", type=int, default=0, help="cap on batches per epoch (smoke test)")
@@ -959,6 +1015,9 @@ def main(argv=None):
     parser.add_argument("--model", default="resnet20", help="the network every method compresses (the tool's MODELS)")
     parser.add_argument("--tune-only", action="store_true",
                         help="stop after the dense models and the tuning of --axes: write pareto_tuning.json to --out")
+    parser.add_argument("--dense-from", metavar="WORK",
+                        help="an earlier sweep's --work folder: its dense runs (trained with the same settings) are "
+                             "copied instead of trained again")
     parser.add_argument("--tuning-from", metavar="TUNING_JSON",
                         help="settings as a --tune-only run picked them (same model and dense checkpoint) instead of "
                              "tuning again")
@@ -977,8 +1036,6 @@ def main(argv=None):
     unknown = [m for m in args.methods + args.speed_methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
-    if args.ablation_target and args.ablation_target not in args.targets:
-        parser.error(f"--ablation-target {args.ablation_target} is not one of --targets {args.targets}")
     torch.set_num_threads(args.threads)
 
     result = json.loads(Path(args.report_only).read_text()) if args.report_only else sweep(args)
@@ -1003,7 +1060,8 @@ def main(argv=None):
     (out / "pareto.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "pareto.png")
     png = os.path.relpath(out / "pareto.png", Path(args.results).resolve().parent)
-    write_section(Path(args.results), "pareto", markdown(result, png))
+    model = result.get("model", "resnet20")  # each model's sweep has its own section
+    write_section(Path(args.results), "pareto" if model == "resnet20" else f"pareto-{model}", markdown(result, png))
     _say(f"wrote {out / 'pareto.json'}, {out / 'pareto.png'} and the pareto section of {args.results}")
     return result
 

@@ -206,6 +206,8 @@ def test_filter_prunings_cut_gradually_to_the_flops_budget(tmp_path, capsys, met
     assert len((folder / "finetune" / "log.csv").read_text().splitlines()) == 1 + 1  # trained through sparsify
     logged = json.loads((folder / "sparsify" / "cuts.json").read_text())  # each cut, with the accuracy after it
     assert [round(c["flops"], 3) for c in logged] == fractions and all(0 <= c["accuracy"] <= 100 for c in logged)
+    # measured on a copy with its batch-norm statistics re-estimated, and as training had them
+    assert all(0 <= c["accuracy_before_bn_recalibration"] <= 100 for c in logged)
     assert out.count("accuracy right after the cut") == len(cuts) and "on 64 images" in out
 
 
@@ -261,7 +263,7 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     methods, speed_methods = ["svd_gradual", "truncated_svd", "group_sl"], ["svd_gradual", "filter_pruning"]
     result = pareto.main(["--data", data, "--train-subset", "512", "--test-subset", "256", "--dense-epochs", "1",
                           "--compress-epochs", "1", "--finetune-epochs", "1", "--targets", "0.6,0.3", "--seeds", "2",
-                          "--max-batches", "2", "--latency-repeats", "2", "--ablation-target", "0.3", *tuning,
+                          "--max-batches", "2", "--latency-repeats", "2", *tuning,
                           "--methods", ",".join(methods), "--speed-methods", ",".join(speed_methods),
                           "--speed-targets", "1.3,50", "--seed-target", "1.3", "--tune-speedup", "1.3",
                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
@@ -269,7 +271,11 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     saved = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert saved["points"] == json.loads(json.dumps(result["points"]))
     assert {p["method"] for p in saved["points"]} == set(methods)
-    assert len(saved["points"]) == 2 * len(methods) and len(saved["dense"]["seeds"]) == 2
+    # a second compression seed for SVD training and the filter pruning validation ranks first (the only one here)
+    seeded = ["svd_gradual", "group_sl"]
+    assert [(p["method"], p["seed"]) for p in saved["points"]] == [(m, 0) for m in methods for _ in (0.6, 0.3)] + \
+        [(m, 1) for m in seeded for _ in (0.6, 0.3)]
+    assert len(saved["dense"]["seeds"]) == 2
     recipe_settings = saved["tuning"]["methods"].get(pareto.NEW_RECIPE, {}).get("picked", {})
     if data == "fashion_mnist":  # every method tried five settings on the validation split and kept one
         for name in methods:
@@ -281,6 +287,8 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
             assert tried[4]["settings"] == {**first["settings"], **pareto.DISTILL}
             picked = saved["tuning"]["methods"][name]["picked"]
             assert all(p["settings"] == picked for p in saved["points"] if p["method"] == name)
+            # a setting that acts after the compress phase (fine-tuning lr) shares it; the lever does not
+            assert tried[0]["compress_phase"] == tried[2]["compress_phase"] != tried[3]["compress_phase"]
         for name in speed_methods:  # on the speed axis: four, then rounding, then distillation, on the best
             tried = saved["speed"]["tuning"]["methods"][name]["tried"]
             assert len(tried) == 6 and tried[4]["settings"].items() >= pareto.ROUNDING[name].items()
@@ -290,21 +298,11 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
             # a setting that fell short of the target is picked only when none reached it
             (picked,) = [t for t in tried if t["settings"] == saved["speed"]["tuning"]["methods"][name]["picked"]][:1]
             assert picked["reached"] or not any(t["reached"] and t["validation_accuracy"] is not None for t in tried)
-    ablation = saved["ablation"]["points"]
-    distilled = bool(recipe_settings.get("distill"))  # the recipe as tuned; distillation has its own row when it is in it
-    assert [a["ablation"] for a in ablation][0] == "the recipe as tuned" and len(ablation) == 4 + distilled
-    assert ("no distillation" in [a["ablation"] for a in ablation]) == distilled
-    assert all(a["knob_value"] == 0.3 for a in ablation)
-    # a setting that acts after the compress phase shares it, and still reaches the point's own config
-    recipe, no_bn, one_cut = ablation[0], ablation[1 + distilled], ablation[2 + distilled]
-    assert no_bn["compress_phase"] == recipe["compress_phase"] != one_cut["compress_phase"]
-    no_bn_config = json.loads((Path(no_bn["folder"]) / "config.json").read_text())
-    assert no_bn_config["bn_recalibrate"] == 0 and no_bn["accuracy_after_prune_before_bn_recalibration"] is None
     for p in saved["points"]:
         config = json.loads((Path(p["folder"]) / "config.json").read_text())
         assert config["finetune_lr"] == p["settings"].get("finetune_lr", RunConfig().finetune_lr)
         assert config["distill"] == p["settings"].get("distill", 0.0)
-        assert config["bn_recalibrate"] == pareto.HELP["bn_recalibrate"]
+        assert config["bn_recalibrate"] == pareto.HELP["bn_recalibrate"] and config["seed"] == p["seed"]
         assert (config["prune_flops"], config["target_speedup"], config["export_strategy"]) == (p["knob_value"], 0, "flops")
         assert p["accuracy_after_prune"] is not None
         # every method gets the same help: batch-norm recalibration right after its cut
@@ -313,7 +311,7 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         assert 0 < p["flops"] < saved["dense"]["flops"] and 0 < p["conv_flops"] < saved["dense"]["conv_flops"]
         assert p["flops"] <= p["knob_value"] * saved["dense"]["flops"] * 1.001
         assert p["latency_b1_ms"] > 0 and p["latency_b32_ms"] > 0 and p["params"] > 0 and p["speedup_b1"] > 0
-        assert p["wall_s"] > 0 and p["seed"] == 0
+        assert p["wall_s"] > 0
     # the speed axis: each method at each target (50× is out of reach: recorded, not run), then a second seed
     speed = saved["speed"]["points"]
     assert [(p["method"], p["knob_value"], p["seed"]) for p in speed] == [
@@ -338,13 +336,14 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         assert p["schedule"] == (f"{cuts} cuts on the cubic schedule" if cuts else "one cut")
         assert not cuts or (p["cuts"] and all(0 <= c["accuracy"] <= 100 for c in p["cuts"]))
     bars = saved["bars"]
+    assert set(bars["flops_seeds"]) == set(seeded) and all(set(e) == {"3x", "4x"} for e in bars["flops_seeds"].values())
     assert set(bars["matched_speed"]) == {"1.5x", "2x", "2.5x", "3x"} and "2x" in bars["matched_serving"]
     assert {m: len(e["accuracy"]) for m, e in bars["seeds"].items()} == {"svd_gradual": 2, "filter_pruning": 2}
     assert bars["new_recipe_speed"]["seeds"]["filter_pruning"] == "filter_pruning" and "2x" in bars["new_recipe_speed"]
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
     text = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- pareto:start -->" in text and "Bars (the new recipe" in text and "python benchmarks/pareto.py" in text
-    assert "Ablation of `svd_gradual`" in text and "### At matched measured speed" in text and "unreachable" in text
+    assert "Two compression seeds" in text and "### At matched measured speed" in text and "unreachable" in text
     if data == "fashion_mnist":
         assert "Tuning budget (validation settings tried, levers included; the same for every method)" in text
 
@@ -364,6 +363,66 @@ def test_a_tuning_is_reused_only_from_the_same_dense_model(tmp_path):
     with pytest.raises(SystemExit, match="tune again"):
         pareto._earlier_tuning(argparse.Namespace(tuning_from=str(path), model="mobilenetv2"), 90.41)
     assert pareto._earlier_tuning(argparse.Namespace(tuning_from=None, model="resnet20"), 90.41) == {}
+
+
+def test_dense_models_are_taken_from_an_earlier_sweep_only_as_trained_here(tmp_path):
+    """--dense-from copies an earlier sweep's dense run into this sweep's folder (one checkpoint for axes swept as
+    separate commands) only when it was trained with this sweep's settings (where it ran and on how many threads
+    may differ)."""
+    from svdtrain.recipes.pipeline import Run, run_stage
+
+    pareto = load_benchmark("pareto")
+    common = dict(data="synthetic", model="resnet20", train_subset=64, test_subset=32, max_batches=1, progress=False,
+                  onnx=False, train_epochs=1, batch_size=32, **pareto.NO_BUDGET)
+    earlier = Run.create(RunConfig(name="dense-seed0", seed=0, out_dir=str(tmp_path / "earlier"), threads=2, **common))
+    trained = run_stage(earlier, "train")
+    here = RunConfig(name="dense-seed0", seed=0, out_dir=str(tmp_path / "here"), threads=1, **common)
+    run = pareto._earlier_dense(str(tmp_path / "earlier"), here, tmp_path / "here")
+    assert run.folder.parent == tmp_path / "here" and run.result("train")["accuracy"] == trained["accuracy"]
+    assert torch.equal(run.model_after("train").fc.weight, earlier.model_after("train").fc.weight)
+    with pytest.raises(SystemExit, match="train_epochs=1, here 2"):
+        pareto._earlier_dense(str(tmp_path / "earlier"), here.replace(train_epochs=2), tmp_path / "other")
+    with pytest.raises(SystemExit, match="no dense-seed1-"):
+        pareto._earlier_dense(str(tmp_path / "earlier"), here.replace(name="dense-seed1", seed=1), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_second_seed_goes_to_svd_training_and_the_filter_pruning_validation_ranks_first():
+    pareto = load_benchmark("pareto")
+    methods = ["svd_gradual", "truncated_svd", "filter_pruning", "group_sl"]
+
+    def tuned(*accuracies):  # the picked setting is the second tried, whatever scored higher
+        return {"picked": {"k": 1}, "tried": [{"settings": {"k": 0}, "validation_accuracy": accuracies[0]},
+                                               {"settings": {"k": 1}, "validation_accuracy": accuracies[1]}]}
+
+    tuning = {"filter_pruning": tuned(90.0, 85.0), "group_sl": tuned(80.0, 86.0)}
+    assert pareto.seeded(["svd_gradual", "best_filter"], methods, tuning) == ["svd_gradual", "group_sl"]
+    assert pareto.seeded(["best_filter", "group_sl"], methods, tuning) == ["group_sl"]
+    assert pareto.seeded(["svd_gradual", "best_filter"], methods, {}) == ["svd_gradual", "filter_pruning", "group_sl"]
+    assert pareto.seeded(["best_filter", "trp"], ["svd_gradual"], tuning) == []
+
+
+def test_flops_bars_read_each_seeds_curve_and_hold_the_mean_against_the_better_filter_pruning():
+    pareto = load_benchmark("pareto")
+
+    def curve(method, seed, accuracy_at_2x, slope):  # accuracy falls by `slope` per doubling of the reduction
+        return [{"method": method, "seed": seed, "conv_flops_reduction": r, "accuracy": accuracy_at_2x - slope * math.log2(r / 2),
+                 "accuracy_after_prune": 50.0} for r in (2.0, 4.0, 8.0)]
+
+    points = (curve("svd_gradual", 0, 90.0, 1.0) + curve("svd_gradual", 1, 89.0, 1.0) + curve("filter_pruning", 0, 89.5, 1.0)
+              + curve("filter_pruning", 1, 89.3, 1.0) + curve("group_sl", 0, 91.0, 4.0))
+    bars = pareto.bars({"points": points, "dense": {"accuracy_mean": 90.0}})
+    at3 = math.log2(1.5)  # the fall from 2× to 3×
+    assert bars["matched"]["3x"]["svd_gradual"] == pytest.approx(90.0 - at3)  # seed 0's curve only
+    assert bars["flops_seeds"]["svd_gradual"]["3x"]["accuracy"] == pytest.approx([90.0 - at3, 89.0 - at3])
+    assert bars["flops_seeds"]["svd_gradual"]["4x"]["mean"] == pytest.approx(88.5)
+    assert set(bars["flops_seeds"]) == {"svd_gradual", "filter_pruning"}  # group_sl ran one seed
+    three = bars["new_recipe"]["seeds_3x"]
+    assert three["filter_pruning"] == "filter_pruning" and three["filter_pruning_mean"] == pytest.approx(89.4 - at3)
+    assert not three["at_least_filter_plus_0.3"]  # 89.5 - at3 against 89.4 - at3: +0.1
+    points[3:6] = curve("svd_gradual", 1, 89.5, 1.0)
+    assert pareto.bars({"points": points, "dense": {"accuracy_mean": 90.0}})["new_recipe"]["seeds_4x"][
+        "at_least_filter_plus_0.3"]  # 88.75 against 88.4
 
 
 def test_interpolation_along_a_curve():

@@ -422,13 +422,20 @@ class Run:
         return report.cut
 
     def log_cut(self, model: nn.Module, progress: float, **measured):
-        """A gradual cut's row of sparsify/cuts.json; with cut_eval_images, the model's accuracy right after it."""
+        """A gradual cut's row of sparsify/cuts.json; with cut_eval_images, the model's accuracy right after it: as
+        training goes on with it ("accuracy_before_bn_recalibration") and, on a copy whose batch-norm statistics are
+        re-estimated as the prune stage's are ("accuracy"), so that the curve shows what the cut itself cost."""
         row = {"progress": progress, **measured}
         if self.cfg.cut_eval_images:
             training = model.training
             split = self.data.test.subset(self.cfg.cut_eval_images, "cut_eval_images")
             row["accuracy"] = evaluate(model, self.data, split, self.cfg, self.cluster)[0]
             model.train(training)  # evaluation leaves it in eval mode; training goes on
+            if self.cfg.bn_recalibrate:
+                recalibrated = copy.deepcopy(model)
+                self.recalibrate_bn(recalibrated)
+                row["accuracy_before_bn_recalibration"] = row["accuracy"]
+                row["accuracy"] = evaluate(recalibrated, self.data, split, self.cfg, self.cluster)[0]
             self.echo(f"  accuracy right after the cut: {row['accuracy']:.2f} % on {len(split):,} images")
         self.cuts.append(row)
 
