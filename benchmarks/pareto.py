@@ -60,6 +60,7 @@ from svdtrain.recipes.config import RunConfig
 from svdtrain.recipes.data import draw_indices, load_dataset
 from svdtrain.recipes.pipeline import Run, load_exported, run_stage
 from svdtrain.recipes.report import conv_flops, dense_vs_final, write_section
+from svdtrain.recipes.train import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +229,7 @@ class Sweep:
 
     def __init__(self, args, checkpoint: str, common: dict, dense: dict | None = None):
         self.args, self.checkpoint, self.common, self.dense = args, checkpoint, common, dense
-        self.bases = {}  # compress phases run so far: what determines them -> (run, accuracy, wall)
+        self.bases = {}  # compress phases run so far: what determines them -> (run, accuracy, wall), or its error
 
     def compress_phase(self, label: str, settings: dict, target: float, knob: str):
         """The run after its compress phase, shared by every target and setting that cannot change it: the
@@ -243,15 +244,22 @@ class Sweep:
                 name=f"{label}-base", dense_checkpoint=self.checkpoint, train_epochs=0,
                 sparsify_epochs=self.args.compress_epochs, finetune_epochs=self.args.finetune_epochs, **self.common))
             run_stage(base, "train")
-            accuracy = run_stage(base, "sparsify")["accuracy"]
+            try:
+                accuracy = run_stage(base, "sparsify")["accuracy"]
+            except TrainingError as e:  # diverged: so would every target sharing it (the runs are deterministic)
+                self.bases[key] = e
+                raise
             self.bases[key] = (base, accuracy, time.perf_counter() - t0)
+        if isinstance(self.bases[key], TrainingError):
+            raise self.bases[key]
         return self.bases[key]
 
     def points(self, label: str, settings: dict, targets: list[float], measure: bool = True,
                knob: str = "prune_flops") -> list[dict]:
         """One record per budget (FLOPs fraction, or speed target): compress phase (shared where it can be), prune,
         fine-tune (, export). A speed target the method cannot reach gets a record with its "unreachable" reason
-        and no accuracy."""
+        and no accuracy; a setting whose training diverges (a non-finite loss) one with its "diverged" reason: the
+        sweep goes on, and tuning never picks it."""
         args, records = self.args, []
         work = Path(self.common["out_dir"])
         for target in targets:
@@ -267,15 +275,18 @@ class Sweep:
                     point.preflight()  # a compress phase shared with another target: this one's reach, as the tool's
                 point.save_config()
                 pruned = run_stage(point, "prune")
-            except ValueError as e:  # a budget out of the method's reach (told before training where it can be)
-                if knob == "prune_flops":
+                finetuned = run_stage(point, "finetune")
+            except (ValueError, TrainingError) as e:
+                if knob == "prune_flops" and not isinstance(e, TrainingError):
                     raise
-                _say(f"{label} @ {knob}={target}: unreachable: {e}")
+                # a budget out of the method's reach (told before training where it can be), or training that diverged
+                reason = "diverged" if isinstance(e, TrainingError) else "unreachable"
+                _say(f"{label} @ {knob}={target}: {reason}: {e}")
                 records.append({"method": label, "knob": knob, "knob_value": target, "settings": settings,
-                                "seed": settings.get("seed", 0), "unreachable": str(e)})
+                                "seed": settings.get("seed", 0), reason: str(e)})
                 continue
             record = {"method": label, "knob": knob, "knob_value": target, "settings": settings,
-                      "accuracy": run_stage(point, "finetune")["accuracy"], "accuracy_after_prune": pruned["accuracy"],
+                      "accuracy": finetuned["accuracy"], "accuracy_after_prune": pruned["accuracy"],
                       "accuracy_after_prune_before_bn_recalibration": pruned.get("accuracy_before_bn_recalibration"),
                       "accuracy_after_compress": compress_accuracy, "seed": settings.get("seed", 0),
                       "speedup_at_prune": pruned.get("speedup"), "schedule": schedule(point.cfg),
@@ -329,7 +340,7 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
                           "wall_s": record.get("wall_s", 0.0) + record.get("shared_wall_s", 0.0),
                           "speedup_at_prune": record.get("speedup_at_prune"), "compress_phase": record.get("compress_phase"),
                           "reached": knob != "target_speedup" or (record.get("speedup_at_prune") or 0.0) * TIE >= target,
-                          **({"unreachable": record["unreachable"]} if "unreachable" in record else {})})
+                          **{k: record[k] for k in ("unreachable", "diverged") if k in record}})
         picked = best(tried)
         out[name] = {"tried": tried, "picked": tried[picked]["settings"], "settings_tried": len(tried)}
         _say(f"tuning {name}: " + ", ".join(_fmt(t["validation_accuracy"], " %") for t in tried)
@@ -376,12 +387,14 @@ def sweep(args) -> dict:
 
     budget = args.compress_epochs + args.finetune_epochs
     if "flops" in args.axes:  # the plot's reference line
-        _say(f"dense model trained {budget} more epochs (the same budget as every method)")
-        t0 = time.perf_counter()
-        run = Run.create(RunConfig(name="dense_longer", dense_checkpoint=shared, train_epochs=budget,
-                                   **NO_BUDGET, **common))
-        dense["longer"] = {"accuracy": run_stage(run, "train")["accuracy"], "epochs": args.dense_epochs + budget,
-                           "wall_s": time.perf_counter() - t0}
+        cfg = RunConfig(name="dense_longer", dense_checkpoint=shared, train_epochs=budget, **NO_BUDGET, **common)
+        run = _earlier_dense(args.dense_from, cfg, work) if args.dense_from else None
+        if run is None:
+            _say(f"dense model trained {budget} more epochs (the same budget as every method)")
+            run = Run.create(cfg)
+            run_stage(run, "train")
+        dense["longer"] = {"accuracy": run.result("train")["accuracy"], "epochs": args.dense_epochs + budget,
+                           "wall_s": run.result("train")["seconds"]}
 
     test = Sweep(args, shared, {**common, "cut_eval_images": args.cut_eval_images}, dense)
     t0 = time.perf_counter()
@@ -431,22 +444,24 @@ def sweep(args) -> dict:
 RUN_ONLY = ("out_dir", "threads", "latency_repeats", "progress", "workers")
 
 
-def _earlier_dense(folder: str, cfg: RunConfig, work: Path) -> Run:
-    """The dense run of seed `cfg.seed` from an earlier sweep's work folder (--dense-from), copied into this sweep's:
-    the same checkpoint for every axis swept as its own command. Refused unless it was trained as this sweep would
-    train it."""
+def _earlier_dense(folder: str, cfg: RunConfig, work: Path) -> Run | None:
+    """The dense run `cfg.name` (a seed's, or the one trained on for the plot's reference line) from an earlier
+    sweep's work folder (--dense-from), copied into this sweep's: the same checkpoint for every axis swept as its
+    own command. None when that folder has none; refused unless it was trained as this sweep would train it (from
+    the same checkpoint, which this sweep holds as a copy)."""
     found = sorted(Path(folder).glob(f"{cfg.name}-*"))
     if not found:
-        raise SystemExit(f"--dense-from {folder}: no {cfg.name}-* run folder there")
+        return None
     earlier = Run.open(found[-1])
-    differ = [k for k, v in vars(cfg).items() if k not in RUN_ONLY and getattr(earlier.cfg, k) != v]
+    there = cfg.replace(dense_checkpoint=cfg.dense_checkpoint.replace(str(work), folder, 1))
+    differ = [k for k, v in vars(there).items() if k not in RUN_ONLY and getattr(earlier.cfg, k) != v]
     if differ:
         raise SystemExit(f"--dense-from {folder}: {found[-1].name} was trained with other settings ("
                          + ", ".join(f"{k}={getattr(earlier.cfg, k)!r}, here {getattr(cfg, k)!r}" for k in differ)
                          + "); drop --dense-from to train it here")
     earlier.result("train")  # finished
     shutil.copytree(found[-1], work / found[-1].name, ignore=shutil.ignore_patterns("epoch_*.pt", "tb"))
-    _say(f"dense model, seed {cfg.seed}: {found[-1]}")
+    _say(f"{cfg.name}: taken from {found[-1]}")
     return Run.open(work / found[-1].name)
 
 
@@ -535,7 +550,7 @@ def speed_bars(result: dict) -> dict:
     if not speed:
         return {}
     dense = speed.get("dense", result["dense"])["accuracy_mean"]
-    reached = [p for p in speed["points"] if "unreachable" not in p]
+    reached = [p for p in speed["points"] if "accuracy" in p]
     curves = {}
     for p in reached:
         if p["seed"] == 0:
@@ -597,7 +612,8 @@ def flops_seeds(result: dict) -> dict:
     conv FLOPs on each seed's curve, and their mean."""
     curves = {}
     for p in result["points"]:
-        curves.setdefault(p["method"], {}).setdefault(p.get("seed", 0), []).append(p)
+        if "accuracy" in p:  # not diverged
+            curves.setdefault(p["method"], {}).setdefault(p.get("seed", 0), []).append(p)
     out = {}
     for method, by_seed in curves.items():
         if len(by_seed) < 2:
@@ -612,7 +628,7 @@ def flops_seeds(result: dict) -> dict:
 def bars(result: dict) -> dict:
     by_method = {}
     for p in result["points"]:
-        if p.get("seed", 0) == 0:  # seed 0's curves; the second seed's in flops_seeds
+        if p.get("seed", 0) == 0 and "accuracy" in p:  # seed 0's curves (the second seed's in flops_seeds)
             by_method.setdefault(p["method"], []).append(p)
     dense = result["dense"]["accuracy_mean"]
     matched = {f"{r}x": {m: interpolate(pts, r) for m, pts in by_method.items()} for r in (2, 3, 4, 5)}
@@ -680,12 +696,13 @@ def plot(result: dict, path: Path):
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "flops":
-            _panel(ax, result["dense"], [p for p in result["points"] if p.get("seed", 0) == 0], "conv_flops_reduction",
+            _panel(ax, result["dense"], [p for p in result["points"] if p.get("seed", 0) == 0 and "accuracy" in p],
+                   "conv_flops_reduction",
                    "conv FLOPs reduction (× fewer than dense)",
                    f"{MODEL_NAMES.get(result.get('model', 'resnet20'))} on {result['data']}: accuracy vs FLOPs, "
                    "same budget for every method")
         else:
-            reached = [p for p in speed["points"] if "unreachable" not in p and p["seed"] == 0]
+            reached = [p for p in speed["points"] if "accuracy" in p and p["seed"] == 0]
             _panel(ax, speed.get("dense", result["dense"]), reached, "speedup_b1",
                    "measured speed-up over dense (ONNX Runtime, batch 1, 1 thread)",
                    "accuracy vs measured speed at the deployment")
@@ -715,7 +732,8 @@ def _tuning_rows(methods: dict) -> list[str]:
             accuracy = tried["validation_accuracy"]
             reached = tried.get("speedup_at_prune")
             lines.append(f"| {name} | {_settings_text(tried['settings'])} | "
-                         + ("unreachable" if accuracy is None else f"{accuracy:.2f}") + " | "
+                         + (("diverged" if "diverged" in tried else "unreachable") if accuracy is None
+                            else f"{accuracy:.2f}") + " | "
                          f"{_fmt(tried['validation_accuracy_after_prune'])} | "
                          + ((f"{reached:.2f}×" if reached else "—") + " | " if speed else "")
                          + f"{'yes' if tried['settings'] == m['picked'] else ''} |")
@@ -799,6 +817,10 @@ def _flops_markdown(result: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in result["points"]:
+        if "accuracy" not in p:
+            lines.append(f"| {p['method']} | {p.get('seed', 0)} | {p['knob_value']} | diverged: {p['diverged'][:160]} |"
+                         + " |" * 8)
+            continue
         lines.append(
             f"| {p['method']} | {p.get('seed', 0)} | {p['knob_value']} | {p['accuracy']:.2f} | {p['accuracy'] - d['accuracy_mean']:+.2f} | "
             f"{p['accuracy_after_prune']:.2f} | {p['conv_flops_reduction']:.2f}× | {p['flops_reduction']:.2f}× | "
@@ -926,9 +948,10 @@ def _speed_markdown(result: dict) -> list[str]:
     lines += ["| method | seed | target | accuracy (%) | after the cut (%) | conv FLOPs reduction | deployment "
               "(IQR) | serving | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in speed["points"]:
-        if "unreachable" in p:
-            lines.append(f"| {p['method']} | {p['seed']} | {p['knob_value']:g}× | unreachable: "
-                         f"{p['unreachable'][:160]} | | | | | |")
+        if "accuracy" not in p:
+            reason = "diverged" if "diverged" in p else "unreachable"
+            lines.append(f"| {p['method']} | {p['seed']} | {p['knob_value']:g}× | {reason}: "
+                         f"{p[reason][:160]} | | | | | |")
             continue
         low, high = p["speedup_b1_iqr"]
         rounding = " (without its rounding)" if p.get("unrounded") else ""

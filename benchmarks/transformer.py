@@ -6,11 +6,10 @@ The CNN sweep's harness (pareto.py: the same Sweep, tuning and measurement), on 
 width 96, 6 blocks of nn.MultiheadAttention, mean pooling; every projection and MLP layer in SVD form, the head
 dense). Two dense models (seeds 0, 1); from seed 0's checkpoint every method gets the same `--compress-epochs` +
 `--finetune-epochs` and the same help, at each FLOPs budget (`--targets`, fractions of the dense model's FLOPs:
-2× and 3× fewer); each method's settings are chosen among four (three of its own, then the best with
-distillation) on a validation split cut from the training images, at `--tune-target`. Methods: SVD training
-with gradual cuts (svd_gradual, its cuts ranked by each singular value's share of the layer's output:
-rank_score=output), the paper's one-cut recipe (svd), truncated SVD and whitened SVD (SVD-LLM's truncation-aware
-whitening), all channel-wise. `--seed-methods` run every budget once more with compression seed 1 (the same
+2× and 3× fewer); each method's settings are chosen among five, as on the CNN sweep (its own, one alternative, a
+lower fine-tuning lr, its lever: VIT_LEVERS; then the best with distillation), on a validation split cut from the
+training images, at `--tune-target`. Methods: SVD training with gradual cuts (svd_gradual), the paper's one-cut
+recipe (svd), truncated SVD and whitened SVD (SVD-LLM's truncation-aware whitening), all channel-wise. `--seed-methods` run every budget once more with compression seed 1 (the same
 dense checkpoint). Every point's export is timed against the dense model on ONNX Runtime at batch 1 (1 thread)
 and batch 32, alternately in one process.
 
@@ -43,10 +42,13 @@ METHODS = ("svd_gradual", "svd", "truncated_svd", "whitened_svd")
 # 4-epoch ViT from 85.2 to 79.3 % in a probe), and no batch norm to recalibrate.
 VIT = {"model": "vit", "exclude_modules": ("head",), "augment": False}
 CHANNEL = {"decomposition": "channel"}
-# SVD training's recipe for the transformer: its cuts remove the singular values whose loss changes the layer's
-# output least on training images (the data whitened SVD truncates by), not the smallest. benchmarks/rank_score.py
-# chose it on the validation split: +1.07 points at 2×, +1.17 at 3× (two seeds each).
-TRANSFORMER_RECIPE = {"svd_gradual": {"rank_score": "output"}}
+# Each method's lever on the transformer, tried on the validation split within the same budget as every method's
+# settings (the CNN levers change the decomposition, and a Linear has one). SVD training's: cuts that remove the
+# singular values whose loss changes the layer's output least on training images (the data whitened SVD truncates
+# by), not the smallest. Whitened SVD's: four times the whitening images. Truncated SVD has no lever of its own and
+# tries a lower fine-tuning lr still (pareto.DEFAULT_LEVER).
+VIT_LEVERS = {"svd_gradual": {"rank_score": "output"}, "svd": {"rank_score": "output"},
+              "whitened_svd": {"whiten_images": 8192}}
 
 
 def _pareto():
@@ -58,8 +60,8 @@ def _pareto():
 
 def sweep(args) -> dict:
     pareto = _pareto()
-    pareto.METHODS = {name: {**settings, **CHANNEL, **TRANSFORMER_RECIPE.get(name, {})}
-                      for name, settings in pareto.METHODS.items()}
+    pareto.METHODS = {name: {**settings, **CHANNEL} for name, settings in pareto.METHODS.items()}
+    pareto.LEVERS = {"prune_flops": VIT_LEVERS}
     work = Path(args.work)
     kept = {}  # seed -> a finished dense run of an earlier sweep in `work` (--keep-dense)
     if work.exists():

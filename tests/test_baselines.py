@@ -368,7 +368,7 @@ def test_a_tuning_is_reused_only_from_the_same_dense_model(tmp_path):
 def test_dense_models_are_taken_from_an_earlier_sweep_only_as_trained_here(tmp_path):
     """--dense-from copies an earlier sweep's dense run into this sweep's folder (one checkpoint for axes swept as
     separate commands) only when it was trained with this sweep's settings (where it ran and on how many threads
-    may differ)."""
+    may differ; a run trained on from a checkpoint, from the same checkpoint, which this sweep holds as a copy)."""
     from svdtrain.recipes.pipeline import Run, run_stage
 
     pareto = load_benchmark("pareto")
@@ -382,9 +382,45 @@ def test_dense_models_are_taken_from_an_earlier_sweep_only_as_trained_here(tmp_p
     assert torch.equal(run.model_after("train").fc.weight, earlier.model_after("train").fc.weight)
     with pytest.raises(SystemExit, match="train_epochs=1, here 2"):
         pareto._earlier_dense(str(tmp_path / "earlier"), here.replace(train_epochs=2), tmp_path / "other")
-    with pytest.raises(SystemExit, match="no dense-seed1-"):
-        pareto._earlier_dense(str(tmp_path / "earlier"), here.replace(name="dense-seed1", seed=1), tmp_path / "other")
+    assert pareto._earlier_dense(str(tmp_path / "earlier"), here.replace(name="dense-seed1", seed=1),
+                                 tmp_path / "other") is None  # not there: trained here
     assert not (tmp_path / "other").exists()
+    longer = dict(common, train_epochs=2)  # trained on from the seed's checkpoint, in each sweep's own copy of it
+    on = Run.create(RunConfig(name="dense_longer", dense_checkpoint=str(earlier.folder / "train" / "final.pt"),
+                              out_dir=str(tmp_path / "earlier"), **{k: v for k, v in longer.items()}))
+    run_stage(on, "train")
+    copied = str(run.folder / "train" / "final.pt")
+    wanted = RunConfig(name="dense_longer", dense_checkpoint=copied, out_dir=str(tmp_path / "here"), **longer)
+    assert pareto._earlier_dense(str(tmp_path / "earlier"), wanted, tmp_path / "here").result("train")["accuracy"] == \
+        on.result("train")["accuracy"]
+    with pytest.raises(SystemExit, match="dense_checkpoint="):  # trained on from another checkpoint
+        pareto._earlier_dense(str(tmp_path / "earlier"), wanted.replace(dense_checkpoint=str(tmp_path / "x.pt")),
+                              tmp_path / "third")
+
+
+def test_a_setting_whose_training_diverges_is_recorded_and_never_picked(tmp_path):
+    """A non-finite loss in one setting's compress phase is that setting's record ("diverged", no accuracy), not the
+    end of the sweep; every budget sharing the phase gets the same record without training it again."""
+    import argparse
+
+    from svdtrain.recipes.pipeline import Run, run_stage
+
+    pareto = load_benchmark("pareto")
+    common = dict(data="synthetic", model="resnet20", train_subset=64, test_subset=32, max_batches=1, progress=False,
+                  onnx=False, batch_size=32, out_dir=str(tmp_path))
+    dense = Run.create(RunConfig(name="dense", train_epochs=1, **pareto.NO_BUDGET, **common))
+    run_stage(dense, "train")
+    sweep = pareto.Sweep(argparse.Namespace(compress_epochs=1, finetune_epochs=1), str(dense.folder / "train" / "final.pt"),
+                         common)
+    (fine,) = sweep.points("fine", {"method": "svd", "prune_cuts": 0}, [0.5], measure=False)
+    diverged = sweep.points("bad", {"method": "svd", "prune_cuts": 0, "lr": 1e30}, [0.5, 0.4], measure=False)
+    assert 0 <= fine["accuracy"] <= 100 and "diverged" not in fine
+    assert [("accuracy" in r, "non-finite loss" in r["diverged"]) for r in diverged] == [(False, True)] * 2
+    assert len(list(tmp_path.glob("bad-base-*"))) == 1  # the second budget did not train it again
+    tried = [{"validation_accuracy": None, "reached": True}, {"validation_accuracy": 10.0, "reached": True}]
+    assert pareto.best(tried) == 1
+    bars = pareto.bars({"points": [{**fine, "conv_flops_reduction": 2.0}, *diverged], "dense": {"accuracy_mean": 90.0}})
+    assert set(bars["matched"]["2x"]) == {"fine"}
 
 
 def test_the_second_seed_goes_to_svd_training_and_the_filter_pruning_validation_ranks_first():
