@@ -276,7 +276,6 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
     assert [(p["method"], p["seed"]) for p in saved["points"]] == [(m, 0) for m in methods for _ in (0.6, 0.3)] + \
         [(m, 1) for m in seeded for _ in (0.6, 0.3)]
     assert len(saved["dense"]["seeds"]) == 2
-    recipe_settings = saved["tuning"]["methods"].get(pareto.NEW_RECIPE, {}).get("picked", {})
     if data == "fashion_mnist":  # every method tried five settings on the validation split and kept one
         for name in methods:
             tried = saved["tuning"]["methods"][name]["tried"]

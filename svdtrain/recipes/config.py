@@ -119,7 +119,8 @@ class RunConfig:
         "one-shot filter prunings); truncated_svd, whitened_svd and trp ignore it")))
     cut_eval_images: int = field(default=0, metadata=_range(0, doc=(
         "with prune_cuts: after each cut, the accuracy of the model as cut on this many evaluation images (drawn "
-        "across classes), logged with the cut in sparsify/cuts.json (where two methods' curves part); 0 = off")))
+        "across classes), on a copy with its batch-norm statistics re-estimated (bn_recalibrate) and as training "
+        "goes on with it, logged with the cut in sparsify/cuts.json (where two methods' curves part); 0 = off")))
     bn_recalibrate: int = field(default=2048, metadata=_range(0, doc=(
         "after the prune stage's structural change (every method), re-estimate batch-norm statistics on this "
         "many training images; 0 = off")))
