@@ -841,7 +841,7 @@ def _flops_markdown(result: dict) -> list[str]:
             "",
             f"Bars (the new recipe, `{NEW_RECIPE}`):",
             "- ≥ every baseline at 3× and 4× fewer conv FLOPs: "
-            + ", ".join(f"{m}: {'yes' if ok else '**no**'}" for m, ok in n["at_least_each_baseline_3x_4x"].items()),
+            + ", ".join(f"{m}: {_yes(ok)}" for m, ok in n["at_least_each_baseline_3x_4x"].items()),
             f"- at 3×: ≤ 1.0 point below the dense mean: {_fmt(n['accuracy_3x'], ' %')} (Δ "
             + ("—" if n["delta_3x"] is None else f"{n['delta_3x']:+.2f}") + "): "
             + ("**met**" if n["within_1_point_3x"] else "**not met**"),
@@ -898,6 +898,10 @@ def _cut_rows(points, where: str) -> list[str]:
             + "; — = that cut found nothing to remove):", "",
             "| stage progress | " + " | ".join(curves) + " |", "|---|" + "---:|" * len(curves),
             *[f"| {k:.0%} | " + " | ".join(_fmt(c.get(k)) for c in curves.values()) + " |" for k in steps]]
+
+
+def _yes(ok) -> str:
+    return "—" if ok is None else "yes" if ok else "**no**"
 
 
 def _met(ok) -> str:
