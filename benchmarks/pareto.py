@@ -103,6 +103,7 @@ DEPLOYMENT = {"export_strategy": "latency", "export_backend": "onnxruntime", "ex
               "rank_multiple": 0}
 SERVING_BATCH = 32  # the serving setting: ONNX Runtime at batch 32 on the sweep's threads
 NEW_RECIPE = "svd_gradual"
+MODEL_NAMES = {"resnet20": "CIFAR ResNet-20", "mobilenetv2": "MobileNetV2 (half width)"}  # as the sections name them
 # The same help for every method: batch-norm statistics re-estimated on 2,048 training images right
 # after the structural change (rank cut, truncation, channel removal), before fine-tuning.
 HELP = {"bn_recalibrate": 2048}
@@ -338,7 +339,8 @@ def tune(args, checkpoint: str, common: dict, methods: list[str], knob: str = "p
             tried.append({"settings": settings, "validation_accuracy": record.get("accuracy"),
                           "validation_accuracy_after_prune": record.get("accuracy_after_prune"),
                           "wall_s": record.get("wall_s", 0.0) + record.get("shared_wall_s", 0.0),
-                          "speedup_at_prune": record.get("speedup_at_prune"), "compress_phase": record.get("compress_phase"),
+                          "speedup_at_prune": record.get("speedup_at_prune"),
+                          "compress_phase": record.get("compress_phase"),
                           "reached": knob != "target_speedup" or (record.get("speedup_at_prune") or 0.0) * TIE >= target,
                           **{k: record[k] for k in ("unreachable", "diverged") if k in record}})
         picked = best(tried)
@@ -367,12 +369,8 @@ def sweep(args) -> dict:
 
     dense_runs = []
     for seed in range(args.seeds):
-        cfg = RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs, **NO_BUDGET, **common)
-        run = _earlier_dense(args.dense_from, cfg, work) if args.dense_from else None
-        if run is None:
-            _say(f"dense model, seed {seed}")
-            run = Run.create(cfg)
-            run_stage(run, "train")
+        run = _dense(args, RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs,
+                                     **NO_BUDGET, **common), work, f"dense model, seed {seed}")
         result = run.result("train")
         dense_runs.append({"seed": seed, "accuracy": result["accuracy"], "epochs": args.dense_epochs,
                            "wall_s": result["seconds"], "folder": str(run.folder),
@@ -387,12 +385,9 @@ def sweep(args) -> dict:
 
     budget = args.compress_epochs + args.finetune_epochs
     if "flops" in args.axes:  # the plot's reference line
-        cfg = RunConfig(name="dense_longer", dense_checkpoint=shared, train_epochs=budget, **NO_BUDGET, **common)
-        run = _earlier_dense(args.dense_from, cfg, work) if args.dense_from else None
-        if run is None:
-            _say(f"dense model trained {budget} more epochs (the same budget as every method)")
-            run = Run.create(cfg)
-            run_stage(run, "train")
+        run = _dense(args, RunConfig(name="dense_longer", dense_checkpoint=shared, train_epochs=budget, **NO_BUDGET,
+                                     **common), work,
+                     f"dense model trained {budget} more epochs (the same budget as every method)")
         dense["longer"] = {"accuracy": run.result("train")["accuracy"], "epochs": args.dense_epochs + budget,
                            "wall_s": run.result("train")["seconds"]}
 
@@ -444,6 +439,16 @@ def sweep(args) -> dict:
 RUN_ONLY = ("out_dir", "threads", "latency_repeats", "progress", "workers")
 
 
+def _dense(args, cfg: RunConfig, work: Path, what: str) -> Run:
+    """A dense run of the sweep, trained: taken from --dense-from where that folder has it, else trained here."""
+    run = _earlier_dense(args.dense_from, cfg, work) if args.dense_from else None
+    if run is None:
+        _say(what)
+        run = Run.create(cfg)
+        run_stage(run, "train")
+    return run
+
+
 def _earlier_dense(folder: str, cfg: RunConfig, work: Path) -> Run | None:
     """The dense run `cfg.name` (a seed's, or the one trained on for the plot's reference line) from an earlier
     sweep's work folder (--dense-from), copied into this sweep's: the same checkpoint for every axis swept as its
@@ -482,7 +487,8 @@ def seeded(names: list[str], methods: list[str], tuning: dict) -> list[str]:
     """The methods of --seed-methods that this axis runs; `best_filter` names the filter pruning whose picked setting
     scored highest on the validation split (every filter pruning of the axis when nothing was tuned)."""
     def validated(name: str) -> float:
-        return next(t["validation_accuracy"] or 0.0 for t in tuning[name]["tried"] if t["settings"] == tuning[name]["picked"])
+        picked = tuning[name]["picked"]
+        return next(t["validation_accuracy"] or 0.0 for t in tuning[name]["tried"] if t["settings"] == picked)
 
     filters = [m for m in FILTER_BASELINES if m in methods]
     tuned = [m for m in filters if m in tuning]
@@ -607,9 +613,16 @@ def speed_bars(result: dict) -> dict:
             "overlap": overlap}
 
 
+def at_reduction(points: list[dict], r: float, key: str = "accuracy") -> float | None:
+    """A curve's `key` at r× fewer conv FLOPs: its point at the budget that stands for r× (a budget is met to within
+    2 %, so 3.03× stands for 3×), else interpolated along it."""
+    near = [p for p in points if abs(p["conv_flops_reduction"] / r - 1) <= 0.02]
+    return min(near, key=lambda p: abs(p["conv_flops_reduction"] - r))[key] if near else interpolate(points, r, key)
+
+
 def flops_seeds(result: dict) -> dict:
-    """Each method run with two compression seeds on the FLOPs axis: its accuracy interpolated at 3× and 4× fewer
-    conv FLOPs on each seed's curve, and their mean."""
+    """Each method run with two compression seeds on the FLOPs axis: its accuracy at 3× and 4× fewer conv FLOPs on
+    each seed's curve (at_reduction), and their mean."""
     curves = {}
     for p in result["points"]:
         if "accuracy" in p:  # not diverged
@@ -620,7 +633,7 @@ def flops_seeds(result: dict) -> dict:
             continue
         out[method] = {}
         for r in (3, 4):
-            values = [interpolate(pts, r) for _, pts in sorted(by_seed.items())]
+            values = [at_reduction(pts, r) for _, pts in sorted(by_seed.items())]
             out[method][f"{r}x"] = {"accuracy": values, "mean": None if None in values else statistics.mean(values)}
     return out
 
@@ -631,8 +644,8 @@ def bars(result: dict) -> dict:
         if p.get("seed", 0) == 0 and "accuracy" in p:  # seed 0's curves (the second seed's in flops_seeds)
             by_method.setdefault(p["method"], []).append(p)
     dense = result["dense"]["accuracy_mean"]
-    matched = {f"{r}x": {m: interpolate(pts, r) for m, pts in by_method.items()} for r in (2, 3, 4, 5)}
-    after_prune = {f"{r}x": {m: interpolate(pts, r, "accuracy_after_prune") for m, pts in by_method.items()}
+    matched = {f"{r}x": {m: at_reduction(pts, r) for m, pts in by_method.items()} for r in (2, 3, 4, 5)}
+    after_prune = {f"{r}x": {m: at_reduction(pts, r, "accuracy_after_prune") for m, pts in by_method.items()}
                    for r in (2, 3, 4, 5)}
 
     def at_least(method: str, baseline: str, keys=tuple(matched)) -> bool | None:
@@ -653,7 +666,8 @@ def bars(result: dict) -> dict:
     if NEW_RECIPE in seeds:
         for key in ("3x", "4x"):
             ours = seeds[NEW_RECIPE][key]["mean"]
-            rivals = {m: e[key]["mean"] for m, e in seeds.items() if m in FILTER_BASELINES and e[key]["mean"] is not None}
+            rivals = {m: e[key]["mean"] for m, e in seeds.items()
+                      if m in FILTER_BASELINES and e[key]["mean"] is not None}
             rival = max(rivals, key=rivals.get) if rivals else None
             new[f"seeds_{key}"] = {"mean": ours, "filter_pruning": rival, "filter_pruning_mean": rivals.get(rival),
                                    "at_least_filter_plus_0.3": None if ours is None or rival is None
@@ -699,7 +713,7 @@ def plot(result: dict, path: Path):
             _panel(ax, result["dense"], [p for p in result["points"] if p.get("seed", 0) == 0 and "accuracy" in p],
                    "conv_flops_reduction",
                    "conv FLOPs reduction (× fewer than dense)",
-                   f"{MODEL_NAMES.get(result.get('model', 'resnet20'))} on {result['data']}: accuracy vs FLOPs, "
+                   f"{_model_name(result)} on {result['data']}: accuracy vs FLOPs, "
                    "same budget for every method")
         else:
             reached = [p for p in speed["points"] if "accuracy" in p and p["seed"] == 0]
@@ -711,7 +725,9 @@ def plot(result: dict, path: Path):
     plt.close(fig)
 
 
-MODEL_NAMES = {"resnet20": "CIFAR ResNet-20", "mobilenetv2": "MobileNetV2 (half width)"}
+def _model_name(result: dict) -> str:
+    model = result.get("model", "resnet20")  # sweeps before --model swept ResNet-20
+    return MODEL_NAMES.get(model, model)
 
 
 def _fmt(value, suffix="") -> str:
@@ -749,9 +765,9 @@ def _budget_line(methods: dict) -> str:
 
 
 def markdown(result: dict, png: str) -> str:
-    model = result.get("model", "resnet20")
     lines = ["## Accuracy vs FLOPs and vs measured speed: SVD training and the baselines"
-             + ("" if model == "resnet20" else f" on {MODEL_NAMES[model]}") + " (`benchmarks/pareto.py`)",
+             + ("" if result.get("model", "resnet20") == "resnet20" else f" on {_model_name(result)}")
+             + " (`benchmarks/pareto.py`)",
              "", f"![pareto]({png})", ""]
     if result["points"]:
         lines += _flops_markdown(result)
@@ -770,7 +786,7 @@ def _flops_markdown(result: dict) -> list[str]:
         f"Command: `{result['command']}` — {result['environment']['device']}, torch "
         f"{result['environment']['torch']}, {result['wall_s'] / 60:.0f} min wall.",
         "",
-        f"Setting: {MODEL_NAMES[result.get('model', 'resnet20')]} on {result['data']} ({result['train_subset'] or 'all'} training images, "
+        f"Setting: {_model_name(result)} on {result['data']} ({result['train_subset'] or 'all'} training images, "
         f"full test set unless a subset is named: test_subset={result['test_subset']}), Adam lr "
         f"{result['optimizer']['lr']} (fine-tuning {result['optimizer']['finetune_lr']}), batch "
         f"{result['optimizer']['batch_size']}, {result['optimizer']['schedule']} schedule per phase. Dense model: "
@@ -822,14 +838,16 @@ def _flops_markdown(result: dict) -> list[str]:
                          + " |" * 8)
             continue
         lines.append(
-            f"| {p['method']} | {p.get('seed', 0)} | {p['knob_value']} | {p['accuracy']:.2f} | {p['accuracy'] - d['accuracy_mean']:+.2f} | "
+            f"| {p['method']} | {p.get('seed', 0)} | {p['knob_value']} | {p['accuracy']:.2f} | "
+            f"{p['accuracy'] - d['accuracy_mean']:+.2f} | "
             f"{p['accuracy_after_prune']:.2f} | {p['conv_flops_reduction']:.2f}× | {p['flops_reduction']:.2f}× | "
             f"{p['params']:,} | {_latency(p, 'b1')} | {_latency(p, 'b32')} | {p['wall_s'] + p['shared_wall_s']:.0f} |")
     methods = list(dict.fromkeys(p["method"] for p in result["points"]))
     lines += ["", "(wall: the point's own stages plus its compress phase, which the one-cut methods share between "
               "their budgets.)", "",
-              "Accuracy (%) interpolated at matched conv FLOPs reduction (seed 0's curves, linear in log FLOPs; — = "
-              "outside the curve), after fine-tuning and, in brackets, right after the cut:", "",
+              "Accuracy (%) at matched conv FLOPs reduction (seed 0's curves: the point at the budget standing for it, "
+              "within the budget's 2 %, else interpolated linearly in log FLOPs; — = outside the curve), after "
+              "fine-tuning and, in brackets, right after the cut:", "",
               "| reduction | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for key, row in b["matched"].items():
         before = b["matched_after_prune"][key]
@@ -851,15 +869,17 @@ def _flops_markdown(result: dict) -> list[str]:
         for key in ("3x", "4x"):
             e = n.get(f"seeds_{key}")
             if e:
-                lines.append(f"- at {key.replace('x', '×')}, mean of two compression seeds ≥ the better filter pruning "
-                             f"+ 0.3: {_fmt(e['mean'], ' %')} against {e['filter_pruning'] or '—'} "
+                lines.append(f"- at {key.replace('x', '×')}, mean of two compression seeds ≥ the better filter "
+                             f"pruning + 0.3: {_fmt(e['mean'], ' %')} against {e['filter_pruning'] or '—'} "
                              f"{_fmt(e['filter_pruning_mean'], ' %')}: " + _met(e["at_least_filter_plus_0.3"]))
     if b.get("flops_seeds"):
         lines += ["", "Two compression seeds (same dense checkpoint), each seed's curve read at matched conv FLOPs "
-                  "reduction:", ""]
+                  "reduction (its point at the budget standing for it, within the budget's 2 %, else interpolated):",
+                  ""]
         for m, e in b["flops_seeds"].items():
             lines.append(f"- {m}: " + "; ".join(
-                f"{key.replace('x', '×')}: " + ", ".join(_fmt(a) for a in v["accuracy"]) + f" → mean {_fmt(v['mean'], ' %')}"
+                f"{key.replace('x', '×')}: " + ", ".join(_fmt(a) for a in v["accuracy"])
+                + f" → mean {_fmt(v['mean'], ' %')}"
                 for key, v in e.items()))
     cut_budget = min(result["targets"], key=lambda t: abs(t - 0.25))
     lines += _cut_rows([p for p in result["points"] if p.get("seed", 0) == 0 and p["knob_value"] == cut_budget],
