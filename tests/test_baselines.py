@@ -177,6 +177,27 @@ def test_group_sparsity_learning_steps_as_depgraph_publishes(tmp_path):
 
 
 @pytest.mark.slow
+def test_gradual_channel_cuts_hold_a_ratio_of_the_dense_widths():
+    """Each cut of a gradual filter pruning removes channels toward one ratio of the reference (dense) widths, as
+    Torch-Pruning's iterative pruning does, so the ratio grows from cut to cut and a narrow layer keeps its share:
+    a ratio of the widths as they are, each layer rounded down at every cut, took an 8-channel layer of MobileNetV2
+    to 1 channel over 8 cuts."""
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 64, 3, padding=1),
+                          nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    dense, x = copy.deepcopy(model).eval(), torch.randn(1, 3, 8, 8)
+    ratios = []
+    for fraction in (0.8, 0.65, 0.55, 0.45, 0.4, 0.35, 0.3):
+        out = filter_prune_(model, x, [model[-1]], flops=fraction, reference=dense)
+        assert out["cut"] and out["flops"] <= fraction * out["dense_flops"]
+        ratios.append(out["channel_ratio"])
+    assert ratios == sorted(ratios) and ratios[-1] >= 0.3  # of the dense widths, not of each cut's
+    assert min(model[0].out_channels, model[6].out_channels) >= int(8 * (1 - ratios[-1]))  # 5 of 8
+
+
 @pytest.mark.parametrize("method", ["filter_pruning", "group_sl"])
 def test_filter_prunings_cut_gradually_to_the_flops_budget(tmp_path, capsys, method):
     """prune_cuts=8: channel cuts at eight points of sparsify, FLOPs falling toward the budget on the cubic schedule;

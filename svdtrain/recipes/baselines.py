@@ -208,8 +208,9 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
     example_inputs (reference and pruned timed alternately, median of the paired ratios). In place. The reference
     is the dense model a gradual cut measures against; default: `model` as it is.
 
-    One ratio for every layer (Torch-Pruning's uniform local pruning), the least that meets the budget (steps of
-    0.1, then bisection to 1e-3); `round_to` keeps each layer's channel count a multiple of it. A model that meets
+    One ratio for every layer (Torch-Pruning's uniform local pruning; of the reference's widths when one is given),
+    the least that meets the budget (steps of 0.1, then bisection to 1e-3); `round_to` keeps each layer's channel
+    count a multiple of it. A model that meets
     the budget already (a speed within the tie of timing noise) is left as it is (channel_ratio 0). Candidates are
     traced in eval mode, so the trace leaves the batch-norm statistics as they were; `model` keeps its mode.
     Returns {"cut" (whether channels were removed), "channel_ratio", "global_steps", "flops", "dense_flops"} and,
@@ -222,12 +223,18 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
     dense = svdtrain.count_flops(reference, example_inputs)
     names = {id(m): n for n, m in model.named_modules()}
     ignored_names = [names[id(m)] for m in ignored]
+    # Against a reference (a gradual cut), the ratio is of the reference's widths, as in Torch-Pruning's iterative
+    # pruning: one ratio of the widths as they are, each layer rounded down at every cut, would take the narrow
+    # layers far below the wide ones over a schedule of cuts.
+    widths = {} if reference is model else {n: _width(m) for n, m in reference.named_modules() if _width(m)}
 
     def pruned(ratio: float) -> nn.Module:
         candidate = copy.deepcopy(model).eval()
         keep_out = [candidate.get_submodule(n) for n in ignored_names]
+        of_reference = {m: max(0.0, 1 - (widths[n] * (1 - ratio) + 1e-6) / _width(m))
+                        for n, m in candidate.named_modules() if n in widths and _width(m)}
         tp.pruner.MetaPruner(candidate, example_inputs, importance=_importance(importance), pruning_ratio=ratio,
-                             ignored_layers=keep_out, round_to=round_to).step()
+                             pruning_ratio_dict=of_reference or None, ignored_layers=keep_out, round_to=round_to).step()
         return candidate
 
     dense_runner = runner(copy.deepcopy(reference).eval(), example_inputs, backend) if speedup is not None else None
@@ -281,6 +288,13 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
            "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense, **measured}
     _adopt(model, result)
     return out
+
+
+def _width(module: nn.Module) -> int:
+    """The output channels (features) of a layer filter pruning can thin; 0 for any other module."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return module.out_features if isinstance(module, nn.Linear) else 0
 
 
 def _global_steps(model: nn.Module, example_inputs: torch.Tensor, ignored_names: list[str], importance: str,

@@ -497,7 +497,8 @@ class Run:
             model.to(memory_format=torch.channels_last)
         reached = f"{out['speedup']:.2f}× the dense model's speed measured on {cfg.export_backend}" \
             if "speedup" in out else f"FLOPs {out['flops'] / out['dense_flops']:.3f} of dense"
-        self.echo(f"  channel cut at {progress:.0%} of the stage: {_channels_removed(out)}, {reached}")
+        removed = _channels_removed(out, "dense channels")
+        self.echo(f"  channel cut at {progress:.0%} of the stage: {removed}, {reached}")
         self.log_cut(model, progress, flops=out["flops"] / out["dense_flops"], speedup=out.get("speedup"))
         return True
 
@@ -687,10 +688,10 @@ def stage_prune(run: Run) -> dict:
     return result
 
 
-def _channels_removed(pruned: dict) -> str:
+def _channels_removed(pruned: dict, of: str = "channels") -> str:
     """What one filter pruning removed, as filter_prune_ returned it."""
     steps = pruned.get("global_steps")
-    return (f"{pruned['channel_ratio']:.3f} of each layer's channels removed"
+    return (f"{pruned['channel_ratio']:.3f} of each layer's {of} removed"
             + (f", then {steps} global step{'s' * (steps > 1)} of the least important" if steps else ""))
 
 
