@@ -9,9 +9,10 @@ dense). Two dense models (seeds 0, 1); from seed 0's checkpoint every method get
 2× and 3× fewer); each method's settings are chosen among five, as on the CNN sweep (its own, one alternative, a
 lower fine-tuning lr, its lever: VIT_LEVERS; then the best with distillation), on a validation split cut from the
 training images, at `--tune-target`. Methods: SVD training with gradual cuts (svd_gradual), the paper's one-cut
-recipe (svd), truncated SVD and whitened SVD (SVD-LLM's truncation-aware whitening), all channel-wise. `--seed-methods` run every budget once more with compression seed 1 (the same
-dense checkpoint). Every point's export is timed against the dense model on ONNX Runtime at batch 1 (1 thread)
-and batch 32, alternately in one process.
+recipe (svd), truncated SVD and whitened SVD (SVD-LLM's truncation-aware whitening), all channel-wise.
+`--seed-methods` run every budget once more with compression seed 1 (the same dense checkpoint). Every point's
+export is timed against the dense model on ONNX Runtime at batch 1 (1 thread) and batch 32, alternately in one
+process.
 
 Writes benchmarks/results/transformer.json and the "transformer" section of RESULTS.md.
 """

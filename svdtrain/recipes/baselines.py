@@ -210,9 +210,9 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
 
     One ratio for every layer (Torch-Pruning's uniform local pruning; of the reference's widths when one is given),
     the least that meets the budget (steps of 0.1, then bisection to 1e-3); `round_to` keeps each layer's channel
-    count a multiple of it. A model that meets
-    the budget already (a speed within the tie of timing noise) is left as it is (channel_ratio 0). Candidates are
-    traced in eval mode, so the trace leaves the batch-norm statistics as they were; `model` keeps its mode.
+    count a multiple of it. A model that meets the budget already (a speed within the tie of timing noise) is left
+    as it is (channel_ratio 0). Candidates are traced in eval mode, so the trace leaves the batch-norm statistics as
+    they were; `model` keeps its mode.
     Returns {"cut" (whether channels were removed), "channel_ratio", "global_steps", "flops", "dense_flops"} and,
     for a speed target, the measured "speedup" and "speedup_iqr".
     """
