@@ -492,12 +492,9 @@ def seeded(names: list[str], methods: list[str], tuning: dict) -> list[str]:
 
     filters = [m for m in FILTER_BASELINES if m in methods]
     tuned = [m for m in filters if m in tuning]
-    out = []
-    for name in names:
-        for method in ([max(tuned, key=validated)] if tuned else filters) if name == "best_filter" else [name]:
-            if method in methods and method not in out:
-                out.append(method)
-    return out
+    best_filter = [max(tuned, key=validated)] if tuned else filters
+    named = [m for name in names for m in (best_filter if name == "best_filter" else [name])]
+    return [m for i, m in enumerate(named) if m in methods and m not in named[:i]]
 
 
 def speed_axis(args, checkpoint: str, common: dict, test: "Sweep", earlier: dict) -> dict:
