@@ -375,6 +375,7 @@ def sweep(args) -> dict:
         dense_runs.append({"seed": seed, "accuracy": result["accuracy"], "epochs": args.dense_epochs,
                            "wall_s": result["seconds"], "folder": str(run.folder),
                            **({"trained_by": args.dense_from} if args.dense_from else {})})
+    kept_from = _earlier_sweep(args, dense_runs) if args.keep_from else None
     shared = str(Path(dense_runs[0]["folder"]) / "train" / "final.pt")
     x = Run.open(dense_runs[0]["folder"]).example_input()
     dense_model = Run.open(dense_runs[0]["folder"]).model_after("train")
@@ -412,6 +413,7 @@ def sweep(args) -> dict:
             for record in test.points(f"{name}-seed1", {**picked[name], "seed": 1}, args.targets):
                 records.append({**record, "method": name})
     speed = speed_axis(args, shared, common, test, earlier) if "speed" in args.axes else None
+    kept = _kept(args, kept_from, tuning, records, speed) if kept_from else {}
 
     return {
         "benchmark": "pareto",
@@ -427,6 +429,7 @@ def sweep(args) -> dict:
                    "methods": tuning, "wall_s": tuning_wall},
         "dense": dense, "points": records,
         **({"speed": speed} if speed else {}),
+        **({"kept": kept} if kept else {}),
         "wall_s": time.perf_counter() - started,
         "environment": {"device": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads",
                         "torch": torch.__version__, "svdtrain": svdtrain.__version__,
@@ -481,6 +484,38 @@ def _earlier_tuning(args, dense_accuracy: float) -> dict:
                          f"{earlier.get('dense_accuracy')} %; this sweep's is {args.model} at {dense_accuracy} %: "
                          "tune again (drop --tuning-from)")
     return earlier
+
+
+def _earlier_sweep(args, dense_runs: list[dict]) -> dict:
+    """--keep-from's pareto.json, checked before any compression runs: each axis swept here must have been swept
+    there on the same model and dense models (deterministic on a CPU: the same dense model scores the same)."""
+    earlier = json.loads(Path(args.keep_from).read_text())
+    for axis in args.axes:
+        old = earlier if axis == "flops" else earlier.get("speed", {})
+        old_dense = [s["accuracy"] for s in old.get("dense", earlier["dense"])["seeds"]]
+        if earlier.get("model") != args.model or old_dense != [r["accuracy"] for r in dense_runs]:
+            raise SystemExit(f"--keep-from {args.keep_from}: its {axis} axis was swept on {earlier.get('model')} "
+                             f"with dense models at {old_dense} %, this sweep's are {args.model} at "
+                             f"{[r['accuracy'] for r in dense_runs]} %")
+    return earlier
+
+
+def _kept(args, earlier: dict, tuning: dict, records: list[dict], speed: dict | None) -> dict:
+    """On each swept axis, the methods this sweep did not run get their tuning and points from the `earlier` sweep
+    (--keep-from), so that a change to some methods re-runs only those. In place (the speed axis's note in
+    `speed`); returns the FLOPs axis's note."""
+    axes = {"flops": (earlier, args.methods, tuning, records)} if "flops" in args.axes else {}
+    if speed:
+        axes["speed"] = (earlier["speed"], args.speed_methods, speed["tuning"]["methods"], speed["points"])
+    notes = {}
+    for axis, (old, ran, axis_tuning, axis_records) in axes.items():
+        kept = [m for m in dict.fromkeys(p["method"] for p in old["points"]) if m not in ran]
+        axis_tuning.update({m: old["tuning"]["methods"][m] for m in kept if m in old["tuning"]["methods"]})
+        axis_records += [p for p in old["points"] if p["method"] in kept]
+        notes[axis] = {"from": args.keep_from, "command": old.get("command", earlier["command"]), "methods": kept}
+    if speed:
+        speed.update(methods=[*notes["speed"]["methods"], *args.speed_methods], kept=notes["speed"])
+    return notes.get("flops", {})
 
 
 def seeded(names: list[str], methods: list[str], tuning: dict) -> list[str]:
@@ -773,6 +808,13 @@ def markdown(result: dict, png: str) -> str:
     return "\n".join(lines)
 
 
+def _kept_line(kept: dict | None) -> list[str]:
+    if not kept or not kept["methods"]:
+        return []
+    return [f"{', '.join(kept['methods'])}: tuning and points kept from an earlier sweep of the same dense models "
+            f"(`--keep-from`), `{kept['command']}`."]
+
+
 def _flops_markdown(result: dict) -> list[str]:
     d, b, t = result["dense"], result["bars"], result["tuning"]
     seeds = ", ".join(f"{r['accuracy']:.2f}" for r in d["seeds"])
@@ -782,6 +824,7 @@ def _flops_markdown(result: dict) -> list[str]:
         "",
         f"Command: `{result['command']}` — {result['environment']['device']}, torch "
         f"{result['environment']['torch']}, {result['wall_s'] / 60:.0f} min wall.",
+        *_kept_line(result.get("kept")),
         "",
         f"Setting: {_model_name(result)} on {result['data']} ({result['train_subset'] or 'all'} training images, "
         f"full test set unless a subset is named: test_subset={result['test_subset']}), Adam lr "
@@ -935,6 +978,7 @@ def _speed_markdown(result: dict) -> list[str]:
         "",
         f"Command: `{speed.get('command', result['command'])}` — "
         f"{speed.get('environment', result['environment'])['device']}, {speed['wall_s'] / 60:.0f} min wall.",
+        *_kept_line(speed.get("kept")),
         "",
         f"The same setting and epochs as at matched FLOPs, from this run's own dense checkpoint (dense accuracy over "
         f"{len(d['seeds'])} seeds: {seeds} → mean {d['accuracy_mean']:.2f} %, sd {d['accuracy_std']:.2f}). Points "
@@ -1065,6 +1109,9 @@ def main(argv=None):
     parser.add_argument("--tuning-from", metavar="TUNING_JSON",
                         help="settings as a --tune-only run picked them (same model and dense checkpoint) instead of "
                              "tuning again")
+    parser.add_argument("--keep-from", metavar="PARETO_JSON",
+                        help="an earlier pareto.json of the same model and dense models: the methods this sweep does "
+                             "not run keep their tuning and points from it (re-run only the methods a change touched)")
     parser.add_argument("--report-only", metavar="PARETO_JSON",
                         help="no sweep: recompute the bars, plot and section from an earlier pareto.json")
     args = parser.parse_args(argv)

@@ -648,3 +648,48 @@ def test_rank_score_output_weighs_every_cut_in_the_tool(tmp_path, capsys, monkey
         assert torch.allclose(layer.V.norm(dim=-2), torch.ones(()), atol=1e-4)
     report = json.loads((folder / "report.json").read_text())
     assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.001
+
+
+def test_methods_not_run_again_keep_an_earlier_sweeps_tuning_and_points(tmp_path):
+    """--keep-from: on each axis swept, the methods this sweep does not run keep their tuning and points from an
+    earlier sweep, only one of the same model and dense models (same accuracies: the runs are deterministic)."""
+    import argparse
+
+    pareto = load_benchmark("pareto")
+    dense = {"seeds": [{"accuracy": 90.6}, {"accuracy": 90.72}]}
+
+    def point(method, seed=0):
+        return {"method": method, "seed": seed, "accuracy": 89.0}
+
+    earlier = {"model": "resnet20", "command": "flops sweep", "dense": dense,
+               "tuning": {"methods": {"svd_gradual": {"picked": {"a": 1}}, "filter_pruning": {"picked": {"b": 2}}}},
+               "points": [point("svd_gradual"), point("filter_pruning"), point("svd_gradual", 1)],
+               "speed": {"command": "speed sweep", "dense": dense, "methods": ["svd_gradual", "group_sl"],
+                         "tuning": {"methods": {"svd_gradual": {"picked": {"c": 3}}}},
+                         "points": [point("svd_gradual"), point("group_sl")]}}
+    path = tmp_path / "pareto.json"
+    path.write_text(json.dumps(earlier))
+    args = argparse.Namespace(keep_from=str(path), model="resnet20", axes=["flops", "speed"],
+                              methods=["filter_pruning"], speed_methods=["group_sl"])
+    dense_runs = [{"accuracy": 90.6}, {"accuracy": 90.72}]
+    tuning, records = {"filter_pruning": {"picked": {"b": 5}}}, [{**point("filter_pruning"), "accuracy": 88.0}]
+    speed = {"methods": ["group_sl"], "tuning": {"methods": {"group_sl": {"picked": {}}}},
+             "points": [{**point("group_sl"), "accuracy": 87.0}]}
+    kept = pareto._kept(args, pareto._earlier_sweep(args, dense_runs), tuning, records, speed)
+    assert kept == {"from": str(path), "command": "flops sweep", "methods": ["svd_gradual"]}
+    assert tuning == {"filter_pruning": {"picked": {"b": 5}}, "svd_gradual": {"picked": {"a": 1}}}  # its own kept
+    assert [(p["method"], p["seed"], p["accuracy"]) for p in records] == [
+        ("filter_pruning", 0, 88.0), ("svd_gradual", 0, 89.0), ("svd_gradual", 1, 89.0)]
+    assert speed["methods"] == ["svd_gradual", "group_sl"] and speed["kept"]["command"] == "speed sweep"
+    assert [(p["method"], p["accuracy"]) for p in speed["points"]] == [("group_sl", 87.0), ("svd_gradual", 89.0)]
+    assert set(speed["tuning"]["methods"]) == {"group_sl", "svd_gradual"}
+    assert pareto._kept_line(kept) == ["svd_gradual: tuning and points kept from an earlier sweep of the same dense "
+                                       "models (`--keep-from`), `flops sweep`."]
+    with pytest.raises(SystemExit, match="dense models at \\[90.6, 90.72\\] %, this sweep's are resnet20 at"):
+        pareto._earlier_sweep(args, [{"accuracy": 90.6}, {"accuracy": 90.7}])
+    with pytest.raises(SystemExit, match="speed axis was swept on resnet20 with dense models at \\[90.6\\]"):
+        speed_elsewhere = {**earlier, "speed": {**earlier["speed"], "dense": {"seeds": [{"accuracy": 90.6}]}}}
+        path.write_text(json.dumps(speed_elsewhere))
+        pareto._earlier_sweep(args, dense_runs)
+    with pytest.raises(SystemExit, match="swept on resnet20"):
+        pareto._earlier_sweep(argparse.Namespace(**{**vars(args), "model": "mobilenetv2"}), dense_runs)
