@@ -52,6 +52,10 @@ VIT_LEVERS = {"svd_gradual": {"rank_score": "output"}, "svd": {"rank_score": "ou
               "whitened_svd": {"whiten_images": 8192}}
 
 
+NAMES = {"svd_gradual": "SVD training", "svd": "the one-cut recipe", "truncated_svd": "truncated SVD",
+         "whitened_svd": "whitened SVD"}
+
+
 def _pareto():
     spec = importlib.util.spec_from_file_location("pareto", Path(__file__).with_name("pareto.py"))
     module = importlib.util.module_from_spec(spec)
@@ -169,7 +173,8 @@ def markdown(result: dict) -> str:
     pareto = _pareto()
     d, b = result["dense"], result["bars"]
     lines = [
-        "## A vision transformer: SVD training, truncated and whitened SVD (`benchmarks/transformer.py`)", "",
+        "## A vision transformer: " + ", ".join(NAMES[m] for m in dict.fromkeys(p["method"] for p in result["points"]))
+        + " (`benchmarks/transformer.py`)", "",
         f"Command: `{result['command']}` — {result['environment']['device']}, torch {result['environment']['torch']}, "
         f"{result['wall_s'] / 60:.0f} min wall.", "",
         f"The tool's `vit` (4×4 patches, width 96, 6 pre-norm blocks of `nn.MultiheadAttention` with 4 heads and a "
@@ -232,6 +237,8 @@ def main(argv=None):
                         help="reuse the dense runs an earlier sweep left in --work when their config is this one's")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transformer.json"))
     parser.add_argument("--results", default=str(ROOT / "RESULTS.md"))
+    parser.add_argument("--section", default="transformer",
+                        help="the section of --results it writes (a sweep of some methods beside the full one)")
     args = parser.parse_args(argv)
     args.command = " ".join(["python benchmarks/transformer.py", *(argv if argv is not None else sys.argv[1:])])
     args.targets = [float(t) for t in args.targets.split(",")]
@@ -242,7 +249,7 @@ def main(argv=None):
     result["bars"] = bars(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.results), "transformer", markdown(result))
+    write_section(Path(args.results), args.section, markdown(result))
     return result
 
 
