@@ -24,7 +24,7 @@ from torch import nn
 import svdtrain
 from svdtrain.latency import threads, time_forms
 from svdtrain.layers import svd_layers
-from svdtrain.prune import _truncated, default_multiple, latency_grid
+from svdtrain.forms import default_multiple, latency_grid, truncated
 from svdtrain.recipes.models import resnet20
 from svdtrain.recipes.report import write_section
 from svdtrain.recipes.train import write_atomic
@@ -64,7 +64,7 @@ def profile(backend: str, batch: int) -> dict:
         dense_flops = conv_flops(dense, shape)
         multiple = default_multiple(layer.full_rank)
         ranks = [r for r in latency_grid(layer.rank, multiple, True) if r < layer.rank]
-        forms = {"dense": dense, **{f"thin{r}": _truncated(layer, r).to_thin_pair() for r in ranks}}
+        forms = {"dense": dense, **{f"thin{r}": truncated(layer, r).to_thin_pair() for r in ranks}}
         thin_flops = {r: svdtrain.count_flops(forms[f"thin{r}"], torch.zeros(shape)) for r in ranks}
         for r in ranks:  # the filter-pruned conv of the same FLOPs, and with its channels rounded up to 8
             forms[f"pruned{r}"] = narrower(dense, thin_flops[r] / dense_flops)

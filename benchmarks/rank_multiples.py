@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import svdtrain
-from svdtrain.export import dense_copy
+from svdtrain.forms import dense_copy
 from svdtrain.latency import paired_timing, runner, threads
 from svdtrain.layers import svd_layers
 from svdtrain.recipes.pipeline import Run

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from .attention import PROJECTIONS, SplitMultiheadAttention
 from .decompose import swap_modules
+from .forms import default_multiple, dense_copy, latency_grid, truncated, with_forms
 from .latency import BACKENDS, check_backend, paired_timing, runner, time_forms
-from .layers import SVD_LAYERS, SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
+from .layers import SVDConv, SVDLinear, is_gpt2_conv1d, svd_layers
 from .stats import trace_svd_layers
 
 STRATEGIES = ("flops", "latency")
@@ -65,10 +64,8 @@ def export_layout(model: nn.Module, example_inputs, strategy: str = "flops", bac
 def _rank_that_pays(layer, input_shape: tuple, backend: str, dense_ms: float) -> int | None:
     """The largest rank below the layer's at which its thin pair is measured clearly faster than its dense form
     (timed at the ranks a latency budget may give it), or None when none is: what a deeper cut of this layer would buy."""
-    from .prune import _truncated, default_multiple, latency_grid
-
     lower = [r for r in latency_grid(layer.rank, default_multiple(layer.full_rank), True) if r < layer.rank]
-    ms = time_forms({r: _truncated(layer, r).to_thin_pair() for r in lower}, input_shape, backend)
+    ms = time_forms({r: truncated(layer, r).to_thin_pair() for r in lower}, input_shape, backend)
     return max((r for r, t in ms.items() if t * TIE < dense_ms), default=None)
 
 
@@ -78,7 +75,7 @@ def export_decisions(model: nn.Module, example_inputs, strategy: str = "flops",
     with thin layers {"dense_ms", "thin_ms", "speedup", "speedup_iqr", "kept_thin"}: the whole model timed both
     ways on `backend`, alternately}."""
     layout = export_layout(model, example_inputs, strategy, backend)
-    small = _apply(model, lambda name, layer: layer.to_thin_pair() if layout[name]["form"] == "thin"
+    small = with_forms(model, lambda name, layer: layer.to_thin_pair() if layout[name]["form"] == "thin"
                    else layer.to_dense())
     whole = None
     if strategy == "latency" and any(entry["form"] == "thin" for entry in layout.values()):
@@ -92,25 +89,6 @@ def export_decisions(model: nn.Module, example_inputs, strategy: str = "flops",
         if not whole["kept_thin"]:
             small = dense
     return small, {"layers": layout, "whole": whole}
-
-
-def _apply(model: nn.Module, make) -> nn.Module:
-    """A copy of `model` in which every SVD layer `layer` named `name` becomes `make(name, layer)`, and every
-    split attention whose projections all came out dense is nn.MultiheadAttention again."""
-    copied = swap_modules(copy.deepcopy(model), lambda m, fqn: make(fqn, m) if isinstance(m, SVD_LAYERS) else None)
-    return swap_modules(copied, lambda m, fqn: _merged(m) if isinstance(m, SplitMultiheadAttention) else None)
-
-
-def _merged(attention: SplitMultiheadAttention) -> nn.Module:
-    """nn.MultiheadAttention (its fused fast paths included) for a split attention of plain Linear projections."""
-    if all(type(getattr(attention, name)) is nn.Linear for name in PROJECTIONS):
-        return attention.to_dense()
-    return attention
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every SVD layer as one plain dense layer (the same function, the original shapes)."""
-    return _apply(model, lambda name, layer: layer.to_dense())
 
 
 def export(model: nn.Module, example_inputs, strategy: str = "flops", backend: str = "eager") -> nn.Module:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import bisect
-import copy
 import math
-import statistics
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .cost import ExportCost, LatencyTables
+from .forms import default_multiple, latency_grid
 from .latency import check_backend
 from .layers import svd_layers
-from .stats import _flops, count_params, format_table, trace_svd_layers
+from .stats import format_table
 
 
 def tail_energy(s: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class PruneReport:
     latency_after_ms: float | None = None
     # Where the whole model was timed ("as it stands", or "at its lowest ranks" before any layer is thin), as the
     # tables predicted it and as measured there (fractions of the dense latency), and the scale the predicted
-    # savings took from them (see _LatencyTables._anchor); None when not measured.
+    # savings took from them (see LatencyTables._anchor in cost.py); None when not measured.
     latency_anchor: dict | None = None
 
     @property
@@ -99,149 +99,7 @@ def _fraction(name: str, value) -> float:
     return float(value)
 
 
-def default_multiple(full_rank: int) -> int:
-    """The rank multiple a budget rounds a layer's rank to by default: the largest power of two ≤ 16 and ≤ a
-    third of the layer's full rank. CPU convolution and GEMM kernels work on blocks of 8 or 16 channels
-    (ONNX Runtime's NCHWc layout uses 16 with AVX-512), and a thin pair whose inner size is off those blocks
-    runs slower than its FLOPs say; the cap keeps at least three ranks to choose from in small layers."""
-    return 1 << max(0, min(4, (max(1, full_rank // 3)).bit_length() - 1))
-
-
-def rank_grid(rank: int, multiple: int) -> list[int]:
-    """The ranks at which a layer's thin pair is timed: multiples of `multiple`, denser at low rank, plus `rank`."""
-    fractions = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)
-    return sorted({min(rank, max(multiple, multiple * math.ceil(rank * f / multiple))) for f in fractions})
-
-
-def latency_grid(rank: int, multiple: int, below_multiple: bool) -> list[int]:
-    """The ranks a latency budget may give a layer, each timed: `rank_grid`, and with `below_multiple` the powers
-    of two under the multiple too. Below a kernel's block of channels time falls again (ONNX Runtime at batch 1,
-    a 16-channel 3×3 conv at 28² as a spatial pair: 15.9 µs at rank 16, 16.6 at 8, 13.1 at 4, 12.1 at 2, dense
-    24.6), which the rounded grid never sees; the measured times decide which of them pay."""
-    grid = set(rank_grid(rank, multiple))
-    if below_multiple:
-        grid |= {2 ** k for k in range(1, multiple.bit_length()) if 2 ** k < min(multiple, rank)}
-    return sorted(grid)
-
-
-# A latency prediction is anchored to a measurement of the whole model once the thin pairs are predicted to save this
-# fraction of the dense time: below it the measured saving is mostly timing noise (about 1 % of the dense time).
-ANCHOR_MIN = 0.1
-
-
-class _LatencyTables:
-    """Predicted latency of the exported model: measured dense and thin-pair times per layer (thin at a grid of
-    ranks, interpolated), plus the rest of the model (whole dense model minus its decomposed layers); the time the
-    thin pairs save is scaled to what the whole model, as it stands, is measured to save (`anchor`)."""
-
-    def __init__(self, model: nn.Module, example_inputs, shapes: dict, backend: str, grids: list[list[int]]):
-        from .export import dense_copy
-        from .latency import runner, time_forms, timings_for
-
-        self.backend = backend
-        x = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-        # Whole models are timed before the tables open a session for each form they time: right after many
-        # sessions open, ONNX Runtime runs slower for a while, thin pairs more than dense (a trained ResNet-20 timed
-        # at its last gradual cut, after its tables: 0.500 of the dense latency; the same model at the prune stage,
-        # its tables cached: 0.404, and 0.402 measured after).
-        dense = runner(dense_copy(model), x, backend)
-        # The rest of the model is what the whole dense model takes beyond its decomposed layers. Its noise moves
-        # every prediction, and one session of a backend can run a few per cent off another of the same model:
-        # the median of three, each timed for a third of a second.
-        self.whole_dense = statistics.median(
-            statistics.median(timings_for({"dense": dense}, budget_s=0.3)["dense"]) for _ in range(3))
-        where, anchor_ranks = self._anchor_point(model, shapes, grids)
-        measured = self._measure(model, anchor_ranks, x, dense) if anchor_ranks else None
-
-        self.tables = []  # per layer: (dense ms, [(rank, thin ms), ...]); empty for a layer that never runs
-        # A layer timed alone pays the backend's fixed cost of a call (ONNX Runtime: about 5 µs a run, as much
-        # as a small convolution's work at batch 1), which inside the whole model it pays once for all layers:
-        # taken off each layer's time, so that the sum over layers predicts the whole model's time.
-        self.call_ms = time_forms({"call": nn.Conv2d(1, 1, 1)}, (1, 1, 1, 1), backend)["call"]
-        dense_sum = 0.0
-        for (name, layer), grid in zip(svd_layers(model), grids):
-            if not shapes[name]:
-                self.tables.append((0.0, [(layer.rank, 0.0)]))
-                continue
-            forms = {"dense": layer.to_dense()}
-            for r in grid:
-                forms[r] = _truncated(layer, r).to_thin_pair()
-            ms = {form: max(0.0, t - self.call_ms) for form, t in time_forms(forms, shapes[name][0], backend).items()}
-            self.tables.append((ms.pop("dense"), sorted(ms.items())))
-            dense_sum += self.tables[-1][0]
-        self.rest = max(0.0, self.whole_dense - dense_sum)
-        self.saving_scale = 1.0  # until the anchor measures it
-        self.anchor = self._anchor(model, where, anchor_ranks, measured) if anchor_ranks else None
-
-    @staticmethod
-    def _anchor_point(model: nn.Module, shapes: dict, grids: list[list[int]]) -> tuple[str, dict]:
-        """(where, {layer: rank} of the layers the anchor times as thin pairs): the model as it stands, each layer
-        thin where that has fewer FLOPs; while none is (at full rank, before a first cut), every layer that runs at
-        the lowest rank its grid offers, the far end of what a budget cuts to. Unanchored, the tables inside a long
-        process predicted a trained ResNet-20's fastest ranks at 0.492 of its dense latency (2.03×), and a target
-        of 2.6× was refused as out of reach."""
-        now = {name: layer.rank for name, layer in svd_layers(model) if layer.exported_thin(shapes[name])}
-        if now:
-            return "as it stands", now
-        return "at its lowest ranks", {name: grid[0] for (name, _), grid in zip(svd_layers(model), grids)
-                                       if shapes[name]}
-
-    def _measure(self, model: nn.Module, ranks: dict, x: torch.Tensor, dense) -> float:
-        """The fraction of the dense time `model` takes with the layers in `ranks` as thin pairs at those ranks
-        (the rest dense), timed against dense alternately."""
-        from .export import _apply
-        from .latency import paired_timing, runner
-
-        small = _apply(model, lambda name, layer: _truncated(layer, ranks[name]).to_thin_pair() if name in ranks
-                       else layer.to_dense())
-        return 1 / paired_timing(dense, runner(small, x, self.backend), budget_s=1.0)["speedup"]
-
-    def _anchor(self, model: nn.Module, where: str, ranks: dict, measured: float) -> dict | None:
-        """Scale the time thin pairs save to what the model at the anchor's ranks was measured to save against
-        dense; None (no scale) while the tables predict it saves under ANCHOR_MIN of the dense time, too little to
-        measure a scale from.
-
-        Layers timed alone mispredict the whole model by more than the budget's margin: a trained ResNet-20 on
-        ONNX Runtime, predicted at 0.485 of its dense latency by the tables its gradual cuts had built, measured
-        0.404 (2.49× for a target of 2). The scale is measured again at every cut, so the error it leaves shrinks
-        as the ranks near the budget."""
-        predicted = self.rest + sum(_interpolate(thin_ms, ranks[name]) if name in ranks else dense_ms
-                                    for (name, _), (dense_ms, thin_ms) in zip(svd_layers(model), self.tables))
-        saved = 1 - predicted / self(None)
-        if saved < ANCHOR_MIN:
-            return None
-        self.saving_scale = min(2.0, max(0.5, (1 - measured) / saved))
-        return {"at": where, "predicted": 1 - saved, "measured": measured, "scale": self.saving_scale}
-
-    def layer_ms(self, i: int, rank: int) -> float:
-        """Layer i in the form the latency export picks at `rank`: the faster of dense and thin pair."""
-        dense, thin = self.tables[i]
-        return min(dense, _interpolate(thin, rank))
-
-    def __call__(self, ranks: list[int] | None) -> float:
-        dense = self.rest + sum(dense for dense, _ in self.tables)
-        if ranks is None:
-            return dense
-        return dense - self.saving_scale * sum(self.tables[i][0] - self.layer_ms(i, r) for i, r in enumerate(ranks))
-
-
-def _truncated(layer, rank: int):
-    out = copy.deepcopy(layer)
-    out.truncate_(rank)
-    return out
-
-
-def _interpolate(points: list[tuple[int, float]], rank: int) -> float:
-    """Linear interpolation of (rank, ms) points; below the first point its time (a thinner pair is no faster)."""
-    if rank <= points[0][0]:
-        return points[0][1]
-    for (r0, t0), (r1, t1) in zip(points, points[1:]):
-        if rank <= r1:
-            return t0 + (t1 - t0) * (rank - r0) / (r1 - r0)
-    return points[-1][1]
-
-
-def _ranks_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], current: list[int], budget_ms: float,
+def _ranks_for_latency(tables: LatencyTables, tails: list[torch.Tensor], current: list[int], budget_ms: float,
                        min_rank: int, reach: bool = False) -> list[int]:
     """Ranks that meet `budget_ms` (predicted) removing as little of any layer's energy as can be; with `reach`, the
     fastest ranks there are when none meet it (else an error).
@@ -249,10 +107,9 @@ def _ranks_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], curren
     As the energy rule of a FLOPs budget, with time in place of FLOPs: at an energy e, each layer takes the rank
     its table predicts fastest among those (timed) that remove at most e of its Σ s², and e is the least that meets
     the budget. No layer is cut far below the others: a greedy cut, one layer at a time wherever the most time is
-    saved for its energy, took single layers to rank 2 of 48 once the multiples of 16 ran out (a trained ResNet-20,
-    spatial-wise, at 0.45 / 0.40 of its latency on ONNX Runtime: 61.1 / 15.9 % after batch-norm recalibration,
-    against 74.9 / 43.2 % by this rule). Predicted time only falls as e rises (each layer's choice widens), so e is
-    bisected over the values where some layer's choice changes.
+    saved for its energy, takes single layers to their lowest ranks once the rank multiples run out, and costs far
+    more accuracy than one energy for all. Predicted time only falls as e rises (each layer's choice widens), so e
+    is bisected over the values where some layer's choice changes.
     """
     removed = [t.max(dim=0).values if t.dim() > 1 else t for t in tails]  # per layer: energy removed at rank k
     options = []
@@ -276,33 +133,6 @@ def _ranks_for_latency(tables: _LatencyTables, tails: list[torch.Tensor], curren
                      f"{share:.3f} of the dense model's time ({1 / share:.2f}× its speed) on {tables.backend}; allowed: "
                      f"latency ≥ {share:.3f} (target_speedup ≤ {1 / share:.2f}), or a smaller rank_multiple, or "
                      "another backend or batch")
-
-
-class _ExportCost:
-    """FLOPs, parameters and (optionally) latency of the exported model as a function of the SVD layers' ranks."""
-
-    def __init__(self, model: nn.Module, example_inputs, backend: str | None = None,
-                 grids: list[list[int]] | None = None):
-        self.layers = svd_layers(model)
-        self.rest_params = count_params(model) - sum(count_params(layer) for _, layer in self.layers)
-        self.shapes, self.rest_flops, self.latency = {name: [] for name, _ in self.layers}, None, None
-        if example_inputs is not None:
-            self.shapes = trace_svd_layers(model, example_inputs).input_shapes
-            total, per_module = _flops(model, example_inputs)
-            self.rest_flops = total - sum(per_module.get(name, 0) for name, _ in self.layers)
-        if backend is not None:
-            self.latency = _LatencyTables(model, example_inputs, self.shapes, backend, grids)
-
-    def __call__(self, ranks: list[int] | None = None) -> dict:
-        """{"flops", "params", "latency"} of the export at `ranks` (None = every layer dense)."""
-        flops, params = self.rest_flops, self.rest_params
-        for i, (name, layer) in enumerate(self.layers):
-            thin = ranks is not None and layer.exported_thin(self.shapes[name], ranks[i])
-            params += layer.exported_params(thin, ranks[i] if thin else None)
-            if flops is not None:
-                costs = [layer.cost(shape) for shape in self.shapes[name]]
-                flops += 2 * sum(c.thin(ranks[i]) if thin else c.dense for c in costs)
-        return {"flops": flops, "params": params, "latency": self.latency(ranks) if self.latency else None}
 
 
 def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None = None, params: float | None = None,
@@ -370,9 +200,9 @@ def prune_(model: nn.Module, energy: float | None = None, *, flops: float | None
     if knob == "latency":
         grids = [latency_grid(layer.rank, m, below_multiple=rank_multiple is None)
                  for (_, layer), m in zip(layers, multiples)]
-        cost = _ExportCost(model, example_inputs, backend, grids)
+        cost = ExportCost(model, example_inputs, backend, grids)
     else:
-        cost = _ExportCost(model, example_inputs)
+        cost = ExportCost(model, example_inputs)
     tails = [tail_energy(layer.s) for _, layer in layers]
     current = [layer.rank for _, layer in layers]
 

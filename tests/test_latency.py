@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 import svdtrain.latency as latency
-import svdtrain.prune as prune_module
+import svdtrain.cost as cost_module
 from conftest import rel_err
 from svdtrain import SVDConfig, count_flops, decompose_, export, export_layout, prune_, rebuild
-from svdtrain.export import dense_copy
+from svdtrain.forms import dense_copy, default_multiple, latency_grid
 from svdtrain.layers import svd_layers
-from svdtrain.prune import default_multiple, latency_grid
 from svdtrain.recipes.models import CifarResNet
 
 X = torch.randn(4, 3, 16, 16)
@@ -47,10 +46,11 @@ def fake_times(monkeypatch, thin_factor: float, whole_small_factor: float):
         return {name: [50.0] * 7 for name in runners}  # prune_'s whole dense model
 
     export_module = sys.modules["svdtrain.export"]  # the module; svdtrain.export is the function
-    monkeypatch.setattr(export_module, "time_forms", time_forms)
-    monkeypatch.setattr(latency, "time_forms", time_forms)
+    for module in (export_module, cost_module, latency):
+        monkeypatch.setattr(module, "time_forms", time_forms)
+    for module in (cost_module, latency):  # prune_'s whole dense model; export's check, through paired_timing
+        monkeypatch.setattr(module, "timings_for", timings_for)
     monkeypatch.setattr(latency, "median_ms", lambda runners, *a, **k: {name: 50.0 for name in runners})
-    monkeypatch.setattr(latency, "timings_for", timings_for)
 
 
 def test_latency_layout_follows_the_measured_times(monkeypatch):
@@ -97,7 +97,7 @@ def test_latency_budget_is_met_as_predicted(monkeypatch, backend):
     multiple, or the powers of two below it)."""
     model = pruned_resnet(energy=0, depth=8)  # full rank: every thin pair has more FLOPs than its layer, so the
     fake_times(monkeypatch, thin_factor=1.0, whole_small_factor=0.5)  # tables predict no saving and measure none
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)  # the tables alone (the anchor: the tests below)
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 2.0)  # the tables alone (the anchor: the tests below)
     report = prune_(model, latency=0.6, example_inputs=X, backend=backend)
     assert report.latency_anchor is None and report.latency_before_ms == report.dense_latency_ms
     assert report.backend == backend and report.energy is None
@@ -113,7 +113,7 @@ def test_latency_budget_takes_ranks_below_the_multiple_only_where_measured_faste
     as ONNX Runtime's 16-channel blocks make it); a rank_multiple the user names keeps ranks its multiples."""
     model = pruned_resnet(energy=0, depth=8)
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)  # the tables alone: the fake whole model does not add up
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 2.0)  # the tables alone: the fake whole model does not add up
     flops_ms = latency.time_forms
 
     def time_forms(forms, input_shape, backend, budget_s=0.5):
@@ -121,7 +121,7 @@ def test_latency_budget_takes_ranks_below_the_multiple_only_where_measured_faste
         return {name: t * 3 if isinstance(forms[name], nn.Sequential) and forms[name][0].out_channels == 8 else t
                 for name, t in ms.items()}
 
-    monkeypatch.setattr(latency, "time_forms", time_forms)
+    monkeypatch.setattr(cost_module, "time_forms", time_forms)
     deep = copy.deepcopy(model)
     report = prune_(deep, latency=0.2, example_inputs=X, backend="eager", reach=True)
     multiples = [default_multiple(layer.full_rank) for _, layer in svd_layers(model)]
@@ -236,7 +236,7 @@ def test_latency_budget_cuts_alike_layers_alike(monkeypatch, latency):
     model = nn.Sequential(first, nn.ReLU(), second)
     decompose_(model, SVDConfig(decomposition="spatial"))
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)  # the tables alone
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 2.0)  # the tables alone
     x = torch.randn(1, 16, 64, 64)  # fake times: each layer FLOPs / 1e6 ms (19 ms dense), the whole model 50 ms
     with torch.no_grad():
         model[2].U.copy_(model[0].U), model[2].s.copy_(model[0].s), model[2].V.copy_(model[0].V)
@@ -252,11 +252,11 @@ def test_latency_prediction_is_anchored_to_the_whole_model_as_measured(monkeypat
     is cut deeper."""
     model = pruned_resnet(energy=0.3, depth=8)
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 2.0)
     alone = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True)
     tables = alone.latency_before_ms / alone.dense_latency_ms  # the tables' own prediction, their fastest forms
     assert alone.latency_anchor is None and 0.3 < tables < 0.8
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 0.1)
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 0.1)
     first = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True)
     predicted = first.latency_anchor["predicted"]  # the same tables, read at the forms with fewer FLOPs
     assert tables - 1e-9 <= predicted < 0.9
@@ -282,13 +282,13 @@ def test_latency_prediction_of_a_full_rank_model_is_anchored_at_its_lowest_ranks
     anchored prediction."""
     model = pruned_resnet(energy=0, depth=8)
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=0.5)
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 2.0)
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 2.0)
     alone = prune_(copy.deepcopy(model), latency=0.01, example_inputs=X, backend="eager", reach=True)
     fastest = alone.latency_after_ms / alone.dense_latency_ms  # the tables alone: their fastest ranks
     assert alone.latency_anchor is None and 0.3 < fastest < 0.9
     with pytest.raises(ValueError, match=f"fastest export predicted is {fastest:.3f}"):
         prune_(copy.deepcopy(model), latency=fastest - 0.05, example_inputs=X, backend="eager")
-    monkeypatch.setattr(prune_module, "ANCHOR_MIN", 0.1)
+    monkeypatch.setattr(cost_module, "ANCHOR_MIN", 0.1)
     lowest = prune_(copy.deepcopy(model), latency=0.999, example_inputs=X, backend="eager", reach=True).latency_anchor
     assert lowest["at"] == "at its lowest ranks" and fastest - 1e-9 <= lowest["predicted"] < 0.9
     fake_times(monkeypatch, thin_factor=0.5, whole_small_factor=lowest["predicted"] - 0.15)  # measured faster

@@ -11,7 +11,7 @@ import svdtrain
 
 from conftest import rel_err
 from svdtrain.cli import main
-from svdtrain.prune import default_multiple
+from svdtrain.forms import default_multiple
 from svdtrain.recipes.config import RunConfig
 from svdtrain.recipes.data import FASHION_MNIST_DIR
 from svdtrain.recipes.pipeline import Run, load_exported

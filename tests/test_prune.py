@@ -8,7 +8,7 @@ from torch import nn
 from conftest import SmallNet, rel_err
 from svdtrain import SVDConfig, SVDLinear, count_flops, count_params, decompose_, export, prune_
 from svdtrain.layers import svd_layers
-from svdtrain.prune import default_multiple
+from svdtrain.forms import default_multiple
 from svdtrain.recipes.models import resnet20
 
 X = torch.randn(1, 3, 16, 16)
