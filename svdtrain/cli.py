@@ -26,7 +26,9 @@ from .recipes.config import ConfigError, load_config, parse_overrides
 from .recipes.data import DataError
 from .recipes.distributed import stop
 from .recipes.models import one_line
-from .recipes.pipeline import STAGES, Run, run_all, run_stage
+from .recipes.folder import STAGES
+from .recipes.pipeline import run_all, run_stage
+from .recipes.run import Run
 from .recipes.train import TrainingError
 
 

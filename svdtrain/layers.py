@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -26,10 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DECOMPOSITIONS, INITS
+from .geometry import CONV_CLASSES, PADDING_MODES, ConvGeometry, as_tuple
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 class Recording:
     """What SVD layers saw while `recording()` was active."""
@@ -306,55 +302,6 @@ def is_gpt2_conv1d(module: nn.Module) -> bool:
             and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
 
 
-def _tuple(value, dims: int) -> tuple[int, ...]:
-    return (value,) * dims if isinstance(value, int) else tuple(value)
-
-
-@dataclass(frozen=True)
-class _ConvGeometry:
-    """Everything about a convolution except its weights; runs it functionally or builds the module."""
-
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...] | str
-    dilation: tuple[int, ...]
-    padding_mode: str
-
-    @cached_property
-    def pads(self) -> list[tuple[int, int]]:
-        """(before, after) padding per spatial dim, as nn.Conv resolves 'same' and 'valid'."""
-        if self.padding == "valid":
-            return [(0, 0)] * len(self.kernel_size)
-        if self.padding == "same":
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            return [(t // 2, t - t // 2) for t in totals]
-        return [(p, p) for p in self.padding]
-
-    @cached_property
-    def _fpad(self) -> list[int]:
-        return [p for pair in reversed(self.pads) for p in pair]
-
-    def out_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1
-                     for n, (lo, hi), d, k, s in zip(size, self.pads, self.dilation, self.kernel_size, self.stride))
-
-    def conv(self, x, weight, bias, groups):
-        conv = _CONV_FN[len(self.kernel_size)]
-        if self.padding_mode != "zeros":
-            return conv(F.pad(x, self._fpad, mode=self.padding_mode), weight, bias, self.stride, 0,
-                        self.dilation, groups)
-        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
-
-    def module(self, in_channels, out_channels, groups, bias, weight, bias_value) -> nn.Module:
-        layer = _CONV_CLS[len(self.kernel_size)](
-            in_channels, out_channels, self.kernel_size, self.stride, self.padding, self.dilation, groups,
-            bias, self.padding_mode, device=weight.device, dtype=weight.dtype)
-        layer.weight.copy_(weight)
-        if bias:
-            layer.bias.copy_(bias_value)
-        return layer
-
-
 class SVDConv(_Factorized):
     """A Conv1d/2d/3d trained as one W = U · diag(s) · Vᵀ per group.
 
@@ -374,7 +321,7 @@ class SVDConv(_Factorized):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, dims: int = 2,
                  decomposition: str = "channel", rank: int | None = None, device=None, dtype=None):
         super().__init__()
-        if dims not in _CONV_FN:
+        if dims not in CONV_CLASSES:
             raise ValueError(f"dims={dims!r}; allowed: 1, 2, 3")
         if decomposition not in DECOMPOSITIONS:
             raise ValueError(f"decomposition={decomposition!r}; allowed: {', '.join(DECOMPOSITIONS)}")
@@ -384,35 +331,35 @@ class SVDConv(_Factorized):
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must be ≥ 1 and divide in_channels={in_channels} "
                              f"and out_channels={out_channels}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode={padding_mode!r}; allowed: {', '.join(_PADDING_MODES)}")
-        stride = _tuple(stride, dims)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode={padding_mode!r}; allowed: {', '.join(PADDING_MODES)}")
+        stride = as_tuple(stride, dims)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding={padding!r}; allowed: 'same', 'valid', an int or a tuple of ints")
             if padding == "same" and any(s != 1 for s in stride):
                 raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv)")
         else:
-            padding = _tuple(padding, dims)
+            padding = as_tuple(padding, dims)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding = _tuple(kernel_size, dims), stride, padding
-        self.dilation, self.padding_mode = _tuple(dilation, dims), padding_mode
+        self.kernel_size, self.stride, self.padding = as_tuple(kernel_size, dims), stride, padding
+        self.dilation, self.padding_mode = as_tuple(dilation, dims), padding_mode
         self.transposed, self.output_padding = False, (0,) * dims
         self.dims, self.decomposition = dims, decomposition
         self._weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._dense_geometry = _ConvGeometry(self.kernel_size, stride, padding, self.dilation, padding_mode)
+        self._dense_geometry = ConvGeometry(self.kernel_size, stride, padding, self.dilation, padding_mode)
         n, c = out_channels // groups, in_channels // groups
         if decomposition == "channel":
             self._a, self._b = n, c * math.prod(self.kernel_size)
             self._in_geometry = self._dense_geometry
             ones = (1,) * dims
-            self._out_geometry = _ConvGeometry(ones, ones, (0,) * dims, ones, "zeros")
+            self._out_geometry = ConvGeometry(ones, ones, (0,) * dims, ones, "zeros")
         else:
             (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, stride, self.dilation
             self._a, self._b = n * kw, c * kh
             pad_h, pad_w = (padding, padding) if isinstance(padding, str) else ((padding[0], 0), (0, padding[1]))
-            self._in_geometry = _ConvGeometry((kh, 1), (sh, 1), pad_h, (dh, 1), padding_mode)
-            self._out_geometry = _ConvGeometry((1, kw), (1, sw), pad_w, (1, dw), padding_mode)
+            self._in_geometry = ConvGeometry((kh, 1), (sh, 1), pad_h, (dh, 1), padding_mode)
+            self._out_geometry = ConvGeometry((1, kw), (1, sw), pad_w, (1, dw), padding_mode)
         self._init_factors(rank, device, dtype)
         self._init_bias(bias, out_channels, device, dtype)
         self.reset_parameters()
@@ -428,7 +375,7 @@ class SVDConv(_Factorized):
             init: "svd" (exact SVD of its weight) or "random" (from scratch).
             rank: keep only the largest `rank` singular values per group (default: all).
         """
-        if not isinstance(layer, tuple(_CONV_CLS.values())):
+        if not isinstance(layer, tuple(CONV_CLASSES.values())):
             raise TypeError(f"SVDConv.from_dense expects nn.Conv1d/2d/3d, got {type(layer).__name__}")
         w = layer.weight
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,

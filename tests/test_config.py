@@ -105,9 +105,9 @@ def test_round_trip_through_json():
     assert parse_overrides(["name=x y"]) == {"name": "x y"}
 
 
-def test_readme_config_reference_is_the_config():
-    """README's table of config keys is generated from RunConfig's fields: every key once, with its default,
-    what is allowed and a meaning, and the README holds exactly that text."""
+def test_config_reference_is_the_config():
+    """docs/CONFIG.md's table of config keys is generated from RunConfig's fields: every key once, with its
+    default, what is allowed and a meaning, and the file holds exactly that text."""
     import dataclasses
     from pathlib import Path
 
@@ -119,8 +119,8 @@ def test_readme_config_reference_is_the_config():
     assert all(len(row.split(" | ")) == 4 and not row.endswith("|  |") for row in rows)  # no empty meaning
     assert '| `export_backend` | `"onnxruntime"` | eager, eager_prepared, compiled, onnxruntime, cuda |' in text
     assert "| `latency_batches` | `[1, 32]` | a list of integers ≥ 1 |" in text
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
-    assert readme[readme.index(start) + len(start):readme.index(end)] == text, (
-        "README's config reference is stale: python -c 'from svdtrain.recipes.config import write_reference; "
+    assert doc[doc.index(start) + len(start):doc.index(end)] == text, (
+        "docs/CONFIG.md's config reference is stale: python -c 'from svdtrain.recipes.config import write_reference; "
         "write_reference()'")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from svdtrain.recipes.data import (FASHION_MNIST_DIR, DataError, augment_batch, load_cifar, load_dataset,
-                                   load_digits, load_fashion_mnist, load_image_folder, make_synthetic, read_idx)
+from svdtrain.recipes.data import DataError, augment_batch
+from svdtrain.recipes.datasets import (FASHION_MNIST_DIR, load_cifar, load_dataset, load_digits, load_fashion_mnist,
+                                       load_image_folder, make_synthetic, read_idx)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False):
@@ -145,7 +146,7 @@ def test_worker_processes_give_the_batches_threads_give(tmp_path, world):
     """DataLoader workers decode what the threads decode, in the same order, and augmentation (drawn in the
     training process, in batch order) is the same: under torchrun each rank's share is the same too."""
     pytest.importorskip("PIL")
-    from svdtrain.recipes.data import write_shapes_folder
+    from svdtrain.recipes.datasets import write_shapes_folder
 
     write_shapes_folder(tmp_path, train_per_class=9, val_per_class=2, size=24)
     threads, workers = (load_image_folder(tmp_path, 16, memory_limit_gb=0, workers=w) for w in (0, 2))
@@ -166,7 +167,7 @@ def test_worker_processes_give_the_batches_threads_give(tmp_path, world):
 
 def test_an_image_that_does_not_decode_in_a_worker_is_one_line(tmp_path):
     pytest.importorskip("PIL")
-    from svdtrain.recipes.data import write_shapes_folder
+    from svdtrain.recipes.datasets import write_shapes_folder
 
     write_shapes_folder(tmp_path, train_per_class=3, val_per_class=1, size=16)
     bad = tmp_path / "train" / "circle" / "00001.jpg"
@@ -178,7 +179,7 @@ def test_an_image_that_does_not_decode_in_a_worker_is_one_line(tmp_path):
 
 def test_image_folder_normalisation(tmp_path):
     pytest.importorskip("PIL")
-    from svdtrain.recipes.data import IMAGENET_MEAN, write_shapes_folder
+    from svdtrain.recipes.datasets import IMAGENET_MEAN, write_shapes_folder
 
     write_shapes_folder(tmp_path, train_per_class=5, val_per_class=2, size=20)
     own = load_dataset("imagefolder", str(tmp_path), 16)
@@ -305,7 +306,7 @@ def test_a_draw_that_would_drop_a_class_is_refused(what, draw, message, observed
 
 def test_a_run_with_val_subset_never_reads_the_test_set(tmp_path):
     from svdtrain.recipes.config import RunConfig
-    from svdtrain.recipes.pipeline import Run
+    from svdtrain.recipes.run import Run
 
     run = Run(tmp_path, RunConfig(data="synthetic", val_subset=40, train_subset=100))
     full = load_dataset("synthetic")

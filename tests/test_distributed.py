@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 from conftest import TINY_RUN, rel_err
 from svdtrain.cli import main
+from svdtrain.recipes.config import RunConfig
+from svdtrain.recipes.datasets import FASHION_MNIST_DIR
 
 # TINY_RUN's LeNet-5 has no batch norm, so two processes with half a batch each must compute what one
 # process does; augmentation is on, so its random draws must be shared out alike too. It uses SGD because
@@ -38,9 +40,9 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import svdtrain.recipes.pipeline as pipeline
+    import svdtrain.recipes.run as run_module
 
-    fit = pipeline.fit
+    fit = run_module.fit
 
     def fit_and_dump(model, data, cfg, stage, folder, echo, cluster, cut=None, teacher=None):
         history = fit(model, data, cfg, stage, folder, echo, cluster, cut, teacher)
@@ -48,9 +50,9 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0
         torch.save(state, Path(dumps) / f"{stage.name}-rank{rank}.pt")
         return history
 
-    pipeline.fit = fit_and_dump
+    run_module.fit = fit_and_dump
     if rank == 1 and rank1_nan_at:
-        build, calls = pipeline.build_model, []
+        build, calls = run_module.build_model, []
 
         def poisoned(*a, **k):
             model = build(*a, **k)
@@ -64,7 +66,7 @@ def _worker(rank: int, world: int, port: int, args: list[str], dumps: str, rank0
             model.register_forward_pre_hook(hook)
             return model
 
-        pipeline.build_model = poisoned
+        run_module.build_model = poisoned
     if rank == 0 and rank0_disk_full_at:
         real, calls = os.fsync, []
 
@@ -187,17 +189,26 @@ def test_a_nan_on_one_process_is_handled_alike_on_all(mode, codes, tmp_path, obs
 
 
 @pytest.mark.slow
-def test_torchrun_launches_the_cli(tmp_path):
-    """The documented launch: torchrun starts the processes and the run ends with one folder."""
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_torchrun_runs_the_default_recipe(tmp_path):
+    """The documented launch with the default recipe: torchrun starts two processes, the ranks are cut toward the
+    speed target (measured by rank 0, taken by both: the processes must hold the same model), and the run ends
+    with one folder."""
+    pytest.importorskip("onnxruntime")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "svdtrain.cli", "run", *TINY, "sparsify_epochs=1", f"out_dir={tmp_path}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+               str(_free_port()), "-m", "svdtrain.cli", "run", "train_subset=1000", "test_subset=500",
+               "train_epochs=1", "sparsify_epochs=2", "finetune_epochs=1", "progress=false", "onnx=false",
+               "latency_backends=onnxruntime", f"out_dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     (folder,) = tmp_path.iterdir()
     assert done.stdout.strip().splitlines()[-1] == str(folder)
     assert done.stdout.count("== train") == 1  # rank 1 says nothing
-    assert json.loads((folder / "report.json").read_text())["final"]["accuracy"] > 0
+    assert done.stdout.count("rank cut at") >= 2  # gradual cuts toward the speed target, during sparsify
+    report = json.loads((folder / "report.json").read_text())
+    assert report["config"]["target_speedup"] == RunConfig().target_speedup
+    assert report["final"]["flops_reduction"] > 1.5 and report["final"]["accuracy"] > 30  # 10 classes: chance 10
 
 
 @pytest.mark.slow

@@ -1,6 +1,4 @@
 import copy
-import io
-import json
 import sys
 
 import pytest
@@ -10,7 +8,7 @@ from torch import nn
 import svdtrain.latency as latency
 import svdtrain.cost as cost_module
 from conftest import rel_err
-from svdtrain import SVDConfig, count_flops, decompose_, export, export_layout, prune_, rebuild
+from svdtrain import SVDConfig, count_flops, decompose_, export, export_layout, prune_
 from svdtrain.forms import dense_copy, default_multiple, latency_grid
 from svdtrain.layers import svd_layers
 from svdtrain.recipes.models import CifarResNet

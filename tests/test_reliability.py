@@ -23,11 +23,14 @@ from torch import nn
 import svdtrain
 from conftest import TINY_RUN, rel_err
 from svdtrain.cli import main
-from svdtrain.recipes import pipeline
+from svdtrain.recipes import folder as run_folder
+from svdtrain.recipes import run as run_module
 from svdtrain.recipes.config import ConfigError, RunConfig, read_config_file
-from svdtrain.recipes.data import DataError, _read_cifar_batch, read_idx
-from svdtrain.recipes.pipeline import load_exported
-from svdtrain.recipes.train import CheckpointError, layer_drifts, load_weights, orthogonality_drift, write_atomic
+from svdtrain.recipes.data import DataError
+from svdtrain.recipes.datasets import _read_cifar_batch, read_idx
+from svdtrain.recipes.run import load_exported
+from svdtrain.recipes.files import CheckpointError, load_weights, write_atomic
+from svdtrain.recipes.train import layer_drifts, orthogonality_drift
 
 ROOT = Path(__file__).parents[1]
 
@@ -272,7 +275,7 @@ def test_sigkill_mid_epoch_then_resume(finished, tmp_path, capsys, observed):
 
 def _poison_training_input(monkeypatch, at_call: int):
     """Models whose `at_call`-th training forward (counted over the whole run) gets a NaN input."""
-    build, calls = pipeline.build_model, [0]
+    build, calls = run_module.build_model, [0]
 
     def poisoned(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -286,7 +289,7 @@ def _poison_training_input(monkeypatch, at_call: int):
         model.register_forward_pre_hook(hook)
         return model
 
-    monkeypatch.setattr(pipeline, "build_model", poisoned)
+    monkeypatch.setattr(run_module, "build_model", poisoned)
 
 
 def test_non_finite_loss_stops_with_where_and_last_checkpoint(tmp_path, capsys, monkeypatch, observed):
@@ -658,7 +661,7 @@ def test_a_failed_stage_command_leaves_the_folder_byte_identical(what, source, a
         (folder / ".finetune.new").mkdir()
         shutil.copy(folder / "finetune" / "epoch_001.pt", folder / ".finetune.new" / "epoch_001.pt")
         prune_id = json.loads((folder / "prune" / "result.json").read_text())["id"]
-        (folder / ".finetune.new" / pipeline.BUILT_FROM).write_text(prune_id)
+        (folder / ".finetune.new" / run_folder.BUILT_FROM).write_text(prune_id)
     before = snapshot(folder)
     code, _, err = cli([a.format(run=folder) for a in args], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -697,7 +700,7 @@ def test_sigkill_mid_swap_puts_the_old_stage_back(finished, tmp_path, capsys, ob
                            "energy=0.3"], env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert not (folder / "prune").exists() and (folder / ".prune.old").is_dir()
-    pipeline._finish_swaps(folder)  # what the next command does first
+    run_folder.finish_swaps(folder)  # what the next command does first
     assert snapshot(folder / "prune") == before
     code, out, err = cli(["run", "--resume", str(folder)], capsys)
     assert code == 0 and "== sparsify: done" in out and "== prune\n" in out and "[finetune] epoch 1/1" in out, err
@@ -716,7 +719,7 @@ def test_an_interrupted_build_resumes_only_from_its_own_input(same_input, finish
     (folder / "finetune" / "result.json").unlink()
     (folder / "finetune").rename(folder / ".finetune.new")
     prune_id = json.loads((folder / "prune" / "result.json").read_text())["id"]
-    (folder / ".finetune.new" / pipeline.BUILT_FROM).write_text(prune_id if same_input else "an-older-prune")
+    (folder / ".finetune.new" / run_folder.BUILT_FROM).write_text(prune_id if same_input else "an-older-prune")
     code, out, err = cli(["run", "--resume", str(folder)], capsys)
     assert code == 0, err
     assert ("[finetune] resuming after epoch 1" in out) == same_input
@@ -734,7 +737,7 @@ def test_opening_a_folder_runs_no_code_it_names(user_model_run, tmp_path, capsys
     for args in (["report", str(folder)], ["prune", str(folder)], ["run", "--resume", str(folder)]):
         code, _, err = cli(args, capsys)
         assert code == 2 and "--trust-code" in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(pipeline.UntrustedCodeError, match="trust_code=True"):
+    with pytest.raises(run_folder.UntrustedCodeError, match="trust_code=True"):
         load_exported(folder)
     assert not mark.exists() and snapshot(folder) == before
     observed("A run folder is data", "a run folder whose config.json names a model file, opened by `svdtrain report`, "
@@ -760,7 +763,7 @@ def test_a_stage_command_resumes_from_any_folder(tmp_path, capsys, monkeypatch, 
     """data_dir (and a model file) are kept absolute in config.json: a stage command run from another folder finds
     them."""
     pytest.importorskip("PIL")
-    from svdtrain.recipes.data import write_shapes_folder
+    from svdtrain.recipes.datasets import write_shapes_folder
 
     monkeypatch.chdir(tmp_path)
     write_shapes_folder(tmp_path / "shapes", train_per_class=6, val_per_class=2, size=16)

@@ -159,8 +159,8 @@ def weigh_by_inputs_(model: nn.Module, covariances: dict[str, torch.Tensor]) -> 
 def normalize_v_(model: nn.Module, names: list[str]):
     """Bring the named SVD layers' V to unit columns, the norms moved into s (W unchanged). After
     `weigh_by_inputs_` and a cut: the factors as training left them, less the cut components. After `whiten_` and
-    a cut: V's columns carry S⁻ᵀ's scale (about 1e-3 against s of 1e2–1e3 on a ViT), where Adam's steps, about
-    lr in every entry whatever its size, wreck them (a whitened ViT cut to 84.9 % fell to 24 % in fine-tuning)."""
+    a cut: V's columns carry S⁻ᵀ's scale, orders of magnitude below s, where Adam's steps, about lr in every entry
+    whatever its size, wreck them."""
     for name, layer in svd_layers(model):
         if name not in names:
             continue
@@ -273,7 +273,7 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
             lo = mid
     result, steps = pruned(hi), 0
     if flops is not None and svdtrain.count_flops(result, example_inputs) < FLOPS_TIE * flops * dense:
-        # One ratio moves every layer by whole channels at once (a 16-channel layer by 6 %), so the least ratio
+        # One ratio moves every layer by whole channels at once (a small layer by several per cent), so the least ratio
         # can land well under the budget: from the largest ratio above it, channels are removed globally, by the
         # same importance, in small steps until the budget is met (Torch-Pruning's global pruning).
         hi, (result, steps) = lo, _global_steps(pruned(lo), example_inputs, ignored_names, importance, round_to, fits)

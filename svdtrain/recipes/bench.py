@@ -17,8 +17,7 @@ import svdtrain
 from svdtrain.latency import paired_timing, runner, timings
 
 from .models import build_model, resnet20
-from .report import write_section
-from .train import write_atomic
+from .files import write_atomic, write_section
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,7 +203,7 @@ def _latency_markdown(result: dict) -> str:
                          for name, m in multiples.items())
     lines = [
         "## Real speed of exported models (`svdtrain bench latency"
-        + ("`)" if tuple(result["models"]) == CNN_MODELS else f" --models {','.join(result['models'])}`)"),
+        + ("`)" if tuple(result.get("models", CNN_MODELS)) == CNN_MODELS else f" --models {','.join(result['models'])}`)"),
         "",
         f"Command: `{result['command']}` — {env['machine']}, {env['threads']} threads, torch {env['torch']}, "
         f"{result['wall_s'] / 60:.0f} min wall.",

@@ -24,7 +24,8 @@ except ModuleNotFoundError:  # Python 3.10
 from svdtrain.latency import BACKENDS
 
 from .baselines import FILTER_METHODS, METHODS
-from .data import DATASETS
+from .datasets import DATASETS
+from .files import write_section
 from .models import MODELS, is_reference
 
 
@@ -330,7 +331,7 @@ _PLURAL = {str: "strings", int: "integers", float: "numbers"}
 
 def reference() -> str:
     """Every config key as a Markdown table (key, default, allowed values, meaning), from RunConfig's own fields:
-    README's reference is this text (a test holds them equal)."""
+    docs/CONFIG.md's reference is this text (a test holds them equal)."""
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(RunConfig):
         kind, meta = _TYPES[f.name], f.metadata
@@ -354,11 +355,9 @@ def reference() -> str:
     return "\n".join(rows)
 
 
-def write_reference(readme: Path = CONFIG_DIR.parent / "README.md"):
-    """Rewrite README's config reference (between its config-reference markers) from `reference()`."""
-    from .report import write_section
-
-    write_section(readme, "config-reference", reference())
+def write_reference(path: Path = CONFIG_DIR.parent / "docs" / "CONFIG.md"):
+    """Rewrite docs/CONFIG.md's config reference (between its config-reference markers) from `reference()`."""
+    write_section(path, "config-reference", reference())
 
 
 def _allowed_text(meta) -> str:

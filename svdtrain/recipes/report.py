@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import svdtrain
 from svdtrain.latency import check_backend, paired_speedup, runner, threads, timings
 
-from .train import write_atomic
+from .files import write_atomic
+from .run import load_exported
 
 
 def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -71,19 +72,6 @@ def latency_table(dense: nn.Module, small: nn.Module, run) -> dict:
     return out
 
 
-def write_section(path: Path, name: str, text: str):
-    """Replace the `name` section of a Markdown file (between HTML-comment markers), adding it if missing."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    old = path.read_text() if path.exists() else \
-        "# Results\n\nMeasured figures; each section is written by the command it names.\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    write_atomic(path, new)
-
-
 def _history(run) -> list[dict]:
     rows = []
     for stage in ("train", "sparsify", "finetune"):
@@ -96,8 +84,6 @@ def _history(run) -> list[dict]:
 
 
 def write_report(run) -> dict:
-    from .pipeline import load_exported
-
     cfg = run.cfg
     example = run.example_input()
     dense = run.dense_model().eval()

@@ -2,16 +2,14 @@
 
 Deterministic on CPU: each epoch's shuffling and augmentation come from a
 generator seeded by (seed, stage, epoch), so a run resumed from the checkpoint
-of epoch k repeats epochs k+1… exactly as an uninterrupted run would.
+of epoch k repeats epochs k+1… exactly as an uninterrupted run would, as long as
+its cuts are the same: cuts toward a speed target follow measured times, which
+differ from run to run.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,72 +27,14 @@ from .baselines import nuclear_norm, resize_to_state_, trp_layers, trp_truncate_
 from .config import RunConfig
 from .data import Dataset, Split
 from .distributed import Cluster
+from .files import CheckpointError, load_into, load_weights, save_atomic, write_csv
 
 STAGE_SEEDS = {"train": 1, "sparsify": 2, "finetune": 3}
 DRIFT_WARNING = 0.2  # orthogonality drift above which the epoch line warns
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and what was saved."""
-
-
-def write_atomic(path: Path, data: bytes | str):
-    """Write to a temporary file in the same folder, flush, fsync, rename: readers see old or new, never torn."""
-    path = Path(path)
-    data = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any other file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # fsync and write errors come without one
-        raise
-
-
-def save_atomic(obj, path: Path):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-class CheckpointError(ValueError):
-    """A weights file that cannot be used: unreadable, asking to run code, or made for another model."""
-
-
-def load_weights(path: Path):
-    """A checkpoint or state_dict, read without unpickling code (tensors, numbers, strings, containers only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # a truncated zip, random bytes, a pickle of code: torch raises many kinds
-        lines = str(e).splitlines() or [""]
-        code = next((line.strip() for line in lines if "GLOBAL" in line), None)  # weights_only names the callable
-        if code:
-            raise CheckpointError(f"{path}: refused, it is not a plain weights file and would run code on loading "
-                                  f"({code}); nothing was executed") from None
-        raise CheckpointError(f"{path}: not a readable torch weights file, truncated or corrupt "
-                              f"({type(e).__name__}: {lines[0][:120]})") from None
-
-
-def load_into(model: nn.Module, state: dict, source: str):
-    """`model.load_state_dict(state)`, with a one-line error saying how `source` does not fit the model."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{source}: not a state_dict (a dict of tensors)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise CheckpointError(f"{source} was saved from a different model ({len(problems)} problem(s); first: "
-                              f"{problems[0][:200] if problems else e})") from None
 
 
 @dataclass(frozen=True)
@@ -403,12 +343,3 @@ def layer_drifts(model: nn.Module) -> dict[str, float]:
 def orthogonality_drift(model: nn.Module) -> tuple[float, str]:
     """The largest of `layer_drifts`, and its layer."""
     return max(((d, name) for name, d in layer_drifts(model).items()), default=(0.0, ""))
-
-
-def write_csv(path: Path, rows: list[dict]):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    out = csv.DictWriter(buffer, columns)
-    out.writeheader()
-    out.writerows(rows)
-    write_atomic(path, buffer.getvalue())
