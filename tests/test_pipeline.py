@@ -117,7 +117,7 @@ def test_the_default_recipe_on_real_images_reaches_its_speed_target(tmp_path, ca
     gradually toward target_speedup on ONNX Runtime) on a slice of Fashion-MNIST. The export, measured against
     dense at the deployment, runs at the target within the timing tie, and it has learnt the classes."""
     pytest.importorskip("onnxruntime")
-    code, out, _ = run_cli(["run", "train_subset=2000", "test_subset=1000", "train_epochs=2", "sparsify_epochs=2",
+    code, out, _ = run_cli(["run", "train_subset=4000", "test_subset=1000", "train_epochs=2", "sparsify_epochs=2",
                             "finetune_epochs=1", "progress=false", "onnx=false", "latency_backends=onnxruntime",
                             f"out_dir={tmp_path}"], capsys)
     assert code == 0
