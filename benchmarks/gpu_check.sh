@@ -18,7 +18,7 @@ folder=$(tail -n 1 "$out/stdout.txt")
 import csv, json, statistics, sys
 from pathlib import Path
 
-from svdtrain.recipes.report import write_section
+from svdtrain.recipes.files import write_section
 
 folder, wall = Path(sys.argv[1]), int(sys.argv[2])
 report = json.loads((folder / "report.json").read_text())

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from svdtrain.recipes.data import _crop_and_flip, _decode_all, augment_draws, load_image_folder, write_shapes_folder
-from svdtrain.recipes.report import write_section
-from svdtrain.recipes.train import write_atomic
+from svdtrain.recipes.data import _crop_and_flip, augment_draws
+from svdtrain.recipes.datasets import _decode_all, load_image_folder, write_shapes_folder
+from svdtrain.recipes.files import write_section
+from svdtrain.recipes.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 READERS = ("previous", 0, 1, 2, 4)  # workers; 0 = 4 threads in the training process

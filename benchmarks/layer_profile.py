@@ -26,8 +26,8 @@ from svdtrain.latency import threads, time_forms
 from svdtrain.layers import svd_layers
 from svdtrain.forms import default_multiple, latency_grid, truncated
 from svdtrain.recipes.models import resnet20
-from svdtrain.recipes.report import write_section
-from svdtrain.recipes.train import write_atomic
+from svdtrain.recipes.files import write_section
+from svdtrain.recipes.files import write_atomic
 from svdtrain.stats import trace_svd_layers
 
 ROOT = Path(__file__).resolve().parents[1]

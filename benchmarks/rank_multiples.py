@@ -23,9 +23,9 @@ import svdtrain
 from svdtrain.forms import dense_copy
 from svdtrain.latency import paired_timing, runner, threads
 from svdtrain.layers import svd_layers
-from svdtrain.recipes.pipeline import Run
-from svdtrain.recipes.report import write_section
-from svdtrain.recipes.train import write_atomic
+from svdtrain.recipes.run import Run
+from svdtrain.recipes.files import write_section
+from svdtrain.recipes.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [("onnxruntime", 1, 2), ("eager", 1, 2), ("compiled", 1, 2), ("onnxruntime", 32, 2), ("eager", 32, 2),

@@ -1,7 +1,7 @@
 """Ablation of rank_score=output on the ViT: do SVD training's cuts do better when each singular value counts by
 its share of the layer's output on training images (|s_i|·‖Xᵀv_i‖, as whitened SVD truncates) than by its size?
 
-    python benchmarks/rank_score.py        # about 15 minutes on 2 CPU cores, after benchmarks/transformer.py
+    python benchmarks/rank_score.py        # after benchmarks/transformer.py; its RESULTS.md section gives its wall time
 
 From the transformer sweep's seed-0 dense ViT (its run folder, named in transformer.json) and with the settings its tuning
 picked for svd_gradual (benchmarks/results/transformer.json), the recipe runs with rank_score=size and with
@@ -15,7 +15,6 @@ Writes benchmarks/results/rank_score.json and the "rank_score" section of RESULT
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -24,20 +23,17 @@ from pathlib import Path
 
 import torch
 
+import harness
+import transformer
+
 ROOT = Path(__file__).resolve().parents[1]
 # size: the paper's cut (the smallest |s_i|); output: the ViT sweep's recipe since this ablation chose it.
 VARIANTS = {"size": {"rank_score": "size"}, "output": {"rank_score": "output"}}
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def ablation(args) -> dict:
-    pareto, transformer = _load("pareto"), _load("transformer")
+    """Each variant with each compression seed at every target, from the transformer sweep's dense ViT and its
+    tuned svd_gradual, scored on the validation split: rank_score.json's record."""
     if not Path(args.sweep).is_file():
         raise SystemExit(f"no {args.sweep}: run benchmarks/transformer.py first")
     sweep = json.loads(Path(args.sweep).read_text())
@@ -50,7 +46,7 @@ def ablation(args) -> dict:
                   max_batches=args.max_batches, progress=False, onnx=False, threads=args.threads,
                   out_dir=str(Path(args.work) / "rank-score"), **transformer.VIT)
     args.compress_epochs, args.finetune_epochs = sweep["compress_epochs"], sweep["finetune_epochs"]
-    runner = pareto.Sweep(args, str(checkpoint), common)
+    runner = harness.Sweep(args, str(checkpoint), common)
     started, points = time.perf_counter(), []
     for variant, setting in VARIANTS.items():
         for seed in range(args.seeds):
@@ -71,7 +67,9 @@ def ablation(args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    size, output = VARIANTS
+    """The ablation's section of RESULTS.md from its rank_score.json, with the variants as it names them (the paper's
+    cut first)."""
+    size, output = result["means"]
     lines = ["## Ablation: which singular values a cut removes, on the ViT (`benchmarks/rank_score.py`)", "",
              f"Command: `{result['command']}` — {result['wall_s'] / 60:.0f} min wall. SVD training with gradual cuts "
              f"as the transformer sweep tuned it ({', '.join(f'{k}={v}' for k, v in result['recipe'].items())}), from "
@@ -83,7 +81,8 @@ def markdown(result: dict) -> str:
     for p in result["points"]:
         lines.append(f"| {p['variant']} | {p['target']:.2f} | {p['seed']} | {p['after_the_cut']:.2f} | "
                      f"{p['validation_accuracy']:.2f} |")
-    lines += ["", "| FLOPs budget | size: mean (%) | output: mean (%) | output − size |", "|---:|---:|---:|---:|"]
+    lines += ["", f"| FLOPs budget | {size}: mean (%) | {output}: mean (%) | {output} − {size} |",
+              "|---:|---:|---:|---:|"]
     for t in result["targets"]:
         a, b = result["means"][size][str(t)], result["means"][output][str(t)]
         lines.append(f"| {t:.2f} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
@@ -108,7 +107,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     result = ablation(args)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    from svdtrain.recipes.report import write_section
+    from svdtrain.recipes.files import write_section
     write_section(Path(args.results), "rank_score", markdown(result))
     return result
 

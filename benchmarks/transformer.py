@@ -1,8 +1,8 @@
 """SVD training on a vision transformer: the tool's `vit` on Fashion-MNIST, against truncated and whitened SVD.
 
-    python benchmarks/transformer.py        # about 70 minutes on 2 CPU cores (57 with --keep-dense)
+    python benchmarks/transformer.py        # its RESULTS.md section gives its wall time
 
-The CNN sweep's harness (pareto.py: the same Sweep, tuning and measurement), on the tool's ViT (4×4 patches,
+The CNN sweep's harness (harness.py: the same Sweep, tuning and measurement), on the tool's ViT (4×4 patches,
 width 96, 6 blocks of nn.MultiheadAttention, mean pooling; every projection and MLP layer in SVD form, the head
 dense). Two dense models (seeds 0, 1); from seed 0's checkpoint every method gets the same `--compress-epochs` +
 `--finetune-epochs` and the same help, at each FLOPs budget (`--targets`, fractions of the dense model's FLOPs:
@@ -20,7 +20,6 @@ Writes benchmarks/results/transformer.json and the "transformer" section of RESU
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import shutil
@@ -31,42 +30,40 @@ from pathlib import Path
 
 import torch
 
+import harness
+import render
 import svdtrain
 from svdtrain.recipes.config import RunConfig
-from svdtrain.recipes.pipeline import Run, run_stage
-from svdtrain.recipes.report import conv_flops, write_section
+from svdtrain.recipes.pipeline import run_stage
+from svdtrain.recipes.run import Run
+from svdtrain.recipes.files import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("svd_gradual", "svd", "truncated_svd", "whitened_svd")
 # The model and what every run of it shares: channel-wise (a Linear has one form; the 4×4 patch convolution's
-# spatial-wise matrix would have rank 4 at most), the head dense, no augmentation (a random crop and flip slowed a
-# 4-epoch ViT from 85.2 to 79.3 % in a probe), and no batch norm to recalibrate.
+# spatial-wise matrix would have rank 4 at most), the head dense, no augmentation (a random crop and flip lowered
+# a short ViT run's accuracy in a probe), and no batch norm to recalibrate.
 VIT = {"model": "vit", "exclude_modules": ("head",), "augment": False}
 CHANNEL = {"decomposition": "channel"}
 # Each method's lever on the transformer, tried on the validation split within the same budget as every method's
 # settings (the CNN levers change the decomposition, and a Linear has one). SVD training's: cuts that remove the
 # singular values whose loss changes the layer's output least on training images (the data whitened SVD truncates
 # by), not the smallest. Whitened SVD's: four times the whitening images. Truncated SVD has no lever of its own and
-# tries a lower fine-tuning lr still (pareto.DEFAULT_LEVER).
+# tries a lower fine-tuning lr still (harness.DEFAULT_LEVER).
 VIT_LEVERS = {"svd_gradual": {"rank_score": "output"}, "svd": {"rank_score": "output"},
               "whitened_svd": {"whiten_images": 8192}}
+# The CNN sweep's methods, every one channel-wise, with the transformer's levers: what its tuning tries.
+TABLES = harness.Tables(methods={name: {**settings, **CHANNEL} for name, settings in harness.METHODS.items()},
+                        levers={"prune_flops": VIT_LEVERS})
 
 
 NAMES = {"svd_gradual": "SVD training", "svd": "the one-cut recipe", "truncated_svd": "truncated SVD",
          "whitened_svd": "whitened SVD"}
 
 
-def _pareto():
-    spec = importlib.util.spec_from_file_location("pareto", Path(__file__).with_name("pareto.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def sweep(args) -> dict:
-    pareto = _pareto()
-    pareto.METHODS = {name: {**settings, **CHANNEL} for name, settings in pareto.METHODS.items()}
-    pareto.LEVERS = {"prune_flops": VIT_LEVERS}
+    """The dense ViTs (kept from an earlier sweep with --keep-dense), each method's tuning on the validation split
+    (TABLES), and its points at every budget from seed 0's checkpoint: transformer.json's record."""
     work = Path(args.work)
     kept = {}  # seed -> a finished dense run of an earlier sweep in `work` (--keep-dense)
     if work.exists():
@@ -81,33 +78,28 @@ def sweep(args) -> dict:
     started = time.perf_counter()
     dense_runs = []
     for seed in range(args.seeds):
-        config = RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs, **pareto.NO_BUDGET,
+        config = RunConfig(name=f"dense-seed{seed}", seed=seed, train_epochs=args.dense_epochs, **harness.NO_BUDGET,
                            **common)
         # Where the runs are written and how long the sweep times each export do not change a dense model.
         if seed in kept and Run.open(kept[seed]).cfg.replace(out_dir=config.out_dir,
                                                              latency_repeats=config.latency_repeats) == config:
-            pareto._say(f"dense ViT, seed {seed}: kept from {kept[seed]}")
+            harness.say(f"dense ViT, seed {seed}: kept from {kept[seed]}")
             trained = json.loads((kept[seed] / "train" / "result.json").read_text())
             dense_runs.append({"seed": seed, "accuracy": trained["accuracy"], "wall_s": trained["seconds"],
                                "folder": str(kept[seed]), "kept": True})
             continue
-        pareto._say(f"dense ViT, seed {seed}")
+        harness.say(f"dense ViT, seed {seed}")
         t0 = time.perf_counter()
         run = Run.create(config)
         dense_runs.append({"seed": seed, "accuracy": run_stage(run, "train")["accuracy"],
                            "wall_s": time.perf_counter() - t0, "folder": str(run.folder)})
     checkpoint = str(Path(dense_runs[0]["folder"]) / "train" / "final.pt")
-    first = Run.open(dense_runs[0]["folder"])
-    dense_model, x = first.model_after("train"), first.example_input()
-    dense = {"accuracy_mean": statistics.mean(r["accuracy"] for r in dense_runs),
-             "accuracy_std": statistics.stdev(r["accuracy"] for r in dense_runs) if len(dense_runs) > 1 else 0.0,
-             "seeds": dense_runs, "flops": svdtrain.count_flops(dense_model, x),
-             "conv_flops": conv_flops(dense_model, x), "params": svdtrain.count_params(dense_model)}
+    dense = harness.dense_summary(dense_runs)
 
     tuning_started = time.perf_counter()
-    tuning = pareto.tune(args, checkpoint, common, list(args.methods), "prune_flops", args.tune_target)
+    tuning = harness.tune(args, checkpoint, common, TABLES, list(args.methods), "prune_flops", args.tune_target)
     tuning_wall = time.perf_counter() - tuning_started
-    test = pareto.Sweep(args, checkpoint, common, dense)
+    test = harness.Sweep(args, checkpoint, common, dense)
     points = []
     for name in args.methods:
         points += test.points(name, tuning[name]["picked"], args.targets)
@@ -118,7 +110,7 @@ def sweep(args) -> dict:
             "train_subset": args.train_subset, "dense_epochs": args.dense_epochs,
             "compress_epochs": args.compress_epochs, "finetune_epochs": args.finetune_epochs,
             "targets": args.targets, "seed_methods": args.seed_methods, "shared": {**VIT, **CHANNEL},
-            "help": pareto.HELP, "dense": dense, "points": points,
+            "help": harness.HELP, "dense": dense, "points": points,
             "tuning": {"target": args.tune_target, "val_subset": args.val_subset, "train_subset": args.tune_subset,
                        "methods": tuning, "wall_s": tuning_wall},
             "wall_s": time.perf_counter() - started,
@@ -132,7 +124,6 @@ def bars(result: dict) -> dict:
     budget that stands for r× (0.5: 2.00×; 0.33: 3.03×), else interpolated along its seed-0 curve. And its
     export at batch 1: ≥ 1.3× faster than dense at a budget of ≥ 2× fewer FLOPs whose mean is ≤ 1.0 below dense
     (every seed's point that fast)."""
-    pareto = _pareto()
     curves, near = {}, {}
     for p in result["points"]:
         if p["seed"] == 0:
@@ -144,7 +135,7 @@ def bars(result: dict) -> dict:
     def at(method: str, r: int) -> float | None:
         if (method, r) in near:
             return statistics.mean(p["accuracy"] for p in near[method, r])
-        return pareto.interpolate(curves[method], r, axis="flops_reduction")
+        return harness.interpolate(curves[method], r, axis="flops_reduction")
 
     matched = {f"{r}x": {m: at(m, r) for m in curves} for r in (2, 3)}
     ours = {k: v.get("svd_gradual") for k, v in matched.items()}
@@ -170,7 +161,7 @@ def bars(result: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    pareto = _pareto()
+    """The sweep's section of RESULTS.md from its transformer.json."""
     d, b = result["dense"], result["bars"]
     lines = [
         "## A vision transformer: " + ", ".join(NAMES[m] for m in dict.fromkeys(p["method"] for p in result["points"]))
@@ -198,9 +189,9 @@ def markdown(result: dict) -> str:
               "else interpolated along each seed-0 curve):", "",
               "| method | 2× | 3× |", "|---|---:|---:|"]
     for method in dict.fromkeys(p["method"] for p in result["points"]):
-        lines.append(f"| {method} | {pareto._fmt(b['matched']['2x'].get(method))} | "
-                     f"{pareto._fmt(b['matched']['3x'].get(method))} |")
-    lines += ["", "Settings tried on the validation split:", "", *pareto._tuning_rows(result["tuning"]["methods"]),
+        lines.append(f"| {method} | {harness.fmt(b['matched']['2x'].get(method))} | "
+                     f"{harness.fmt(b['matched']['3x'].get(method))} |")
+    lines += ["", "Settings tried on the validation split:", "", *render.tuning_rows(result["tuning"]["methods"]),
               "", "Bars:"]
     if "within_1_point_of_dense_2x" in b:
         lines.append(f"- svd_gradual at 2× ≥ dense mean − 1.0: **{'met' if b['within_1_point_of_dense_2x'] else 'not met'}**")

@@ -37,8 +37,8 @@ from torch import nn
 import svdtrain
 from svdtrain.attention import SplitMultiheadAttention
 from svdtrain.latency import _onnx_bytes, paired_speedup, runner, threads, timings
-from svdtrain.recipes.pipeline import Run, load_exported
-from svdtrain.recipes.report import write_section
+from svdtrain.recipes.run import Run, load_exported
+from svdtrain.recipes.files import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 

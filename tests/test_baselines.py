@@ -1,7 +1,8 @@
 import copy
-import importlib.util
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from svdtrain.latency import threads
 from svdtrain.recipes.baselines import (filter_prune_, group_sparsity_pruner, nuclear_norm, resize_to_state_, trp_layers,
                                         trp_truncate_)
 from svdtrain.recipes.config import ConfigError, RunConfig
-from svdtrain.recipes.data import FASHION_MNIST_DIR
+from svdtrain.recipes.datasets import FASHION_MNIST_DIR
 from svdtrain.recipes.models import CifarResNet
 
 CONFIG = svdtrain.SVDConfig(exclude_modules=("fc",))
@@ -135,7 +136,7 @@ def test_group_sparsity_learning_steps_as_depgraph_publishes(tmp_path):
     weight by exactly −lr·Δreg·γ·w (the first momentum step is the gradient), and not at all in the biases."""
     pytest.importorskip("torch_pruning")
     from svdtrain.cli import main
-    from svdtrain.recipes.train import load_weights
+    from svdtrain.recipes.files import load_weights
 
     (tmp_path / "tiny.py").write_text(TINY_NET)
     torch.manual_seed(0)
@@ -270,15 +271,16 @@ def test_method_settings_are_validated():
 
 
 def load_benchmark(name: str):
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A benchmark script's module (pareto, harness, render, transformer, ...), imported as the scripts import one
+    another: `python benchmarks/x.py` runs with benchmarks/ on sys.path, and this is where the tests put it there."""
+    folder = str(Path(__file__).parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def test_pareto_sweep_on_a_tiny_budget(tmp_path):
-    pareto = load_benchmark("pareto")
+    pareto, harness = load_benchmark("pareto"), load_benchmark("harness")
     data = "fashion_mnist" if Path(FASHION_MNIST_DIR).is_dir() else "synthetic"
     tuning = ["--tune-subset", "256", "--val-subset", "256"] if data == "fashion_mnist" else ["--tune-subset", "-1"]
     methods, speed_methods = ["svd_gradual", "truncated_svd", "group_sl"], ["svd_gradual", "filter_pruning"]
@@ -302,9 +304,9 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
             tried = saved["tuning"]["methods"][name]["tried"]
             assert len(tried) == saved["tuning"]["methods"][name]["settings_tried"] == 5
             assert saved["tuning"]["methods"][name]["picked"] in [t["settings"] for t in tried]
-            assert tried[3]["settings"] == {**pareto.METHODS[name], **pareto.LEVERS["prune_flops"][name]}  # its lever
+            assert tried[3]["settings"] == {**harness.METHODS[name], **harness.LEVERS["prune_flops"][name]}  # its lever
             first = max(tried[:4], key=lambda t: t["validation_accuracy"])  # the fifth: the best with distillation
-            assert tried[4]["settings"] == {**first["settings"], **pareto.DISTILL}
+            assert tried[4]["settings"] == {**first["settings"], **harness.DISTILL}
             picked = saved["tuning"]["methods"][name]["picked"]
             assert all({k: v for k, v in p["settings"].items() if k != "seed"} == picked
                        for p in saved["points"] if p["method"] == name)
@@ -312,10 +314,10 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
             assert tried[0]["compress_phase"] == tried[2]["compress_phase"] != tried[3]["compress_phase"]
         for name in speed_methods:  # on the speed axis: four, then rounding, then distillation, on the best
             tried = saved["speed"]["tuning"]["methods"][name]["tried"]
-            assert len(tried) == 6 and tried[4]["settings"].items() >= pareto.ROUNDING[name].items()
-            assert tried[5]["settings"].items() >= pareto.DISTILL.items()
-            assert tried[3]["settings"] == {**pareto.base(name, "target_speedup"),
-                                            **pareto.LEVERS["target_speedup"][name]}
+            assert len(tried) == 6 and tried[4]["settings"].items() >= harness.ROUNDING[name].items()
+            assert tried[5]["settings"].items() >= harness.DISTILL.items()
+            assert tried[3]["settings"] == {**harness.CNN.base(name, "target_speedup"),
+                                            **harness.LEVERS["target_speedup"][name]}
             # a setting that fell short of the target is picked only when none reached it
             (picked,) = [t for t in tried if t["settings"] == saved["speed"]["tuning"]["methods"][name]["picked"]][:1]
             assert picked["reached"] or not any(t["reached"] and t["validation_accuracy"] is not None for t in tried)
@@ -323,7 +325,7 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         config = json.loads((Path(p["folder"]) / "config.json").read_text())
         assert config["finetune_lr"] == p["settings"].get("finetune_lr", RunConfig().finetune_lr)
         assert config["distill"] == p["settings"].get("distill", 0.0)
-        assert config["bn_recalibrate"] == pareto.HELP["bn_recalibrate"] and config["seed"] == p["seed"]
+        assert config["bn_recalibrate"] == harness.HELP["bn_recalibrate"] and config["seed"] == p["seed"]
         assert (config["prune_flops"], config["target_speedup"], config["export_strategy"]) == (p["knob_value"], 0, "flops")
         assert p["accuracy_after_prune"] is not None
         # every method gets the same help: batch-norm recalibration right after its cut
@@ -340,7 +342,7 @@ def test_pareto_sweep_on_a_tiny_budget(tmp_path):
         ("svd_gradual", 1.3, 1), ("filter_pruning", 1.3, 1)]
     assert all("unreachable" in p for p in speed if p["knob_value"] == 50)
     for p in (p for p in speed if p["knob_value"] == 50):  # out of reach with a rounding: tried without it too
-        rounding = pareto.ROUNDING[p["method"]].keys()  # its grid of sizes, coarser than the default (a lever's too)
+        rounding = harness.ROUNDING[p["method"]].keys()  # its grid of sizes, coarser than the default (a lever's too)
         picked = saved["speed"]["tuning"]["methods"].get(p["method"], {}).get("picked", {})
         assert p.get("unrounded", False) == bool(picked.keys() & rounding) and not p["settings"].keys() & rounding
     for p in (p for p in speed if "unreachable" not in p):
@@ -390,11 +392,12 @@ def test_dense_models_are_taken_from_an_earlier_sweep_only_as_trained_here(tmp_p
     """--dense-from copies an earlier sweep's dense run into this sweep's folder (one checkpoint for axes swept as
     separate commands) only when it was trained with this sweep's settings (where it ran and on how many threads
     may differ; a run trained on from a checkpoint, from the same checkpoint, which this sweep holds as a copy)."""
-    from svdtrain.recipes.pipeline import Run, run_stage
+    from svdtrain.recipes.pipeline import run_stage
+    from svdtrain.recipes.run import Run
 
-    pareto = load_benchmark("pareto")
+    pareto, harness = load_benchmark("pareto"), load_benchmark("harness")
     common = dict(data="synthetic", model="resnet20", train_subset=64, test_subset=32, max_batches=1, progress=False,
-                  onnx=False, train_epochs=1, batch_size=32, **pareto.NO_BUDGET)
+                  onnx=False, train_epochs=1, batch_size=32, **harness.NO_BUDGET)
     earlier = Run.create(RunConfig(name="dense-seed0", seed=0, out_dir=str(tmp_path / "earlier"), threads=2, **common))
     trained = run_stage(earlier, "train")
     here = RunConfig(name="dense-seed0", seed=0, out_dir=str(tmp_path / "here"), threads=1, **common)
@@ -424,23 +427,24 @@ def test_a_setting_whose_training_diverges_is_recorded_and_never_picked(tmp_path
     end of the sweep; every budget sharing the phase gets the same record without training it again."""
     import argparse
 
-    from svdtrain.recipes.pipeline import Run, run_stage
+    from svdtrain.recipes.pipeline import run_stage
+    from svdtrain.recipes.run import Run
 
-    pareto = load_benchmark("pareto")
+    harness = load_benchmark("harness")
     common = dict(data="synthetic", model="resnet20", train_subset=64, test_subset=32, max_batches=1, progress=False,
                   onnx=False, batch_size=32, out_dir=str(tmp_path))
-    dense = Run.create(RunConfig(name="dense", train_epochs=1, **pareto.NO_BUDGET, **common))
+    dense = Run.create(RunConfig(name="dense", train_epochs=1, **harness.NO_BUDGET, **common))
     run_stage(dense, "train")
     checkpoint = str(dense.folder / "train" / "final.pt")
-    sweep = pareto.Sweep(argparse.Namespace(compress_epochs=1, finetune_epochs=1), checkpoint, common)
+    sweep = harness.Sweep(argparse.Namespace(compress_epochs=1, finetune_epochs=1), checkpoint, common)
     (fine,) = sweep.points("fine", {"method": "svd", "prune_cuts": 0}, [0.5], measure=False)
     diverged = sweep.points("bad", {"method": "svd", "prune_cuts": 0, "lr": 1e30}, [0.5, 0.4], measure=False)
     assert 0 <= fine["accuracy"] <= 100 and "diverged" not in fine
     assert [("accuracy" in r, "non-finite loss" in r["diverged"]) for r in diverged] == [(False, True)] * 2
     assert len(list(tmp_path.glob("bad-base-*"))) == 1  # the second budget did not train it again
     tried = [{"validation_accuracy": None, "reached": True}, {"validation_accuracy": 10.0, "reached": True}]
-    assert pareto.best(tried) == 1
-    bars = pareto.bars({"points": [{**fine, "conv_flops_reduction": 2.0}, *diverged], "dense": {"accuracy_mean": 90.0}})
+    assert harness.best(tried) == 1
+    bars = harness.bars({"points": [{**fine, "conv_flops_reduction": 2.0}, *diverged], "dense": {"accuracy_mean": 90.0}})
     assert set(bars["matched"]["2x"]) == {"fine"}
 
 
@@ -460,7 +464,7 @@ def test_the_second_seed_goes_to_svd_training_and_the_filter_pruning_validation_
 
 
 def test_flops_bars_read_each_seeds_curve_and_hold_the_mean_against_the_better_filter_pruning():
-    pareto = load_benchmark("pareto")
+    harness = load_benchmark("harness")
 
     def curve(method, seed, accuracy_at_2x, slope):  # accuracy falls by `slope` per doubling of the reduction
         return [{"method": method, "seed": seed, "conv_flops_reduction": r, "accuracy_after_prune": 50.0,
@@ -469,7 +473,7 @@ def test_flops_bars_read_each_seeds_curve_and_hold_the_mean_against_the_better_f
     points = (curve("svd_gradual", 0, 90.0, 1.0) + curve("svd_gradual", 1, 89.0, 1.0)
               + curve("filter_pruning", 0, 89.5, 1.0) + curve("filter_pruning", 1, 89.3, 1.0)
               + curve("group_sl", 0, 91.0, 4.0))
-    bars = pareto.bars({"points": points, "dense": {"accuracy_mean": 90.0}})
+    bars = harness.bars({"points": points, "dense": {"accuracy_mean": 90.0}})
     at3 = math.log2(1.5)  # the fall from 2× to 3×
     assert bars["matched"]["3x"]["svd_gradual"] == pytest.approx(90.0 - at3)  # seed 0's curve only
     assert bars["flops_seeds"]["svd_gradual"]["3x"]["accuracy"] == pytest.approx([90.0 - at3, 89.0 - at3])
@@ -479,19 +483,19 @@ def test_flops_bars_read_each_seeds_curve_and_hold_the_mean_against_the_better_f
     assert three["filter_pruning"] == "filter_pruning" and three["filter_pruning_mean"] == pytest.approx(89.4 - at3)
     assert not three["at_least_filter_plus_0.3"]  # 89.5 - at3 against 89.4 - at3: +0.1
     points[3:6] = curve("svd_gradual", 1, 89.5, 1.0)
-    assert pareto.bars({"points": points, "dense": {"accuracy_mean": 90.0}})["new_recipe"]["seeds_4x"][
+    assert harness.bars({"points": points, "dense": {"accuracy_mean": 90.0}})["new_recipe"]["seeds_4x"][
         "at_least_filter_plus_0.3"]  # 88.75 against 88.4
     # a budget met a little under (3.03× for 3×) stands for it; beyond the budget's 2 % the curve has no reading
     near = [{"conv_flops_reduction": 3.03, "accuracy": 88.0}, {"conv_flops_reduction": 4.0, "accuracy": 87.0}]
-    assert pareto.at_reduction(near, 3) == 88.0 and pareto.at_reduction(near, 3.5) == pytest.approx(87.48, abs=0.01)
-    assert pareto.at_reduction([{**near[0], "conv_flops_reduction": 3.07}, near[1]], 3) is None
+    assert harness.at_reduction(near, 3) == 88.0 and harness.at_reduction(near, 3.5) == pytest.approx(87.48, abs=0.01)
+    assert harness.at_reduction([{**near[0], "conv_flops_reduction": 3.07}, near[1]], 3) is None
 
 
 def test_interpolation_along_a_curve():
-    pareto = load_benchmark("pareto")
+    harness = load_benchmark("harness")
     points = [{"conv_flops_reduction": 2.0, "accuracy": 90.0}, {"conv_flops_reduction": 8.0, "accuracy": 80.0}]
-    assert pareto.interpolate(points, 4.0) == pytest.approx(85.0)  # halfway in log scale
-    assert pareto.interpolate(points, 1.5) is None and pareto.interpolate(points, 9) is None
+    assert harness.interpolate(points, 4.0) == pytest.approx(85.0)  # halfway in log scale
+    assert harness.interpolate(points, 1.5) is None and harness.interpolate(points, 9) is None
 
 
 def test_transformer_bars_average_the_seeds_and_need_every_seed_fast():
@@ -522,15 +526,14 @@ def test_transformer_bars_average_the_seeds_and_need_every_seed_fast():
 
 
 def test_tuning_picks_among_settings_that_reached_the_target():
-    """A setting whose model stays slower than the target cannot win by its accuracy (rank multiples of 8 at 1.76×
-    for target 2, 90.34 % on validation, against 87.46 % at 2.20×); it is picked only when none reached it, and one
-    out of reach never."""
-    pareto = load_benchmark("pareto")
+    """A setting whose model stays slower than the target cannot win by its accuracy, however much higher; it is
+    picked only when none reached it, and one out of reach never."""
+    harness = load_benchmark("harness")
     fast, slow, out = ({"validation_accuracy": 87.46, "reached": True}, {"validation_accuracy": 90.34, "reached": False},
                        {"validation_accuracy": None, "reached": False})
-    assert pareto.best([slow, fast, out]) == 1
-    assert pareto.best([out, slow, {**slow, "validation_accuracy": 89.0}]) == 1
-    assert pareto.best([fast, {**fast}]) == 0  # a tie keeps the first
+    assert harness.best([slow, fast, out]) == 1
+    assert harness.best([out, slow, {**slow, "validation_accuracy": 89.0}]) == 1
+    assert harness.best([fast, {**fast}]) == 0  # a tie keeps the first
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(24, 16), (64, 24)),
@@ -613,7 +616,7 @@ def test_whitened_svd_runs_through_the_tool(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "whitened SVD: 21 of 21 layers, by the input covariance over 64 training images" in out
     (folder,) = tmp_path.iterdir()
-    from svdtrain.recipes.pipeline import Run
+    from svdtrain.recipes.run import Run
 
     # Fine-tuning starts from unit columns of V (un-whitened, they are S⁻ᵀ-sized: ~1e-3 on a ViT, which Adam wrecks).
     for _, layer in svdtrain.layers.svd_layers(Run.open(folder).model_after("prune")):
@@ -627,15 +630,16 @@ def test_rank_score_output_weighs_every_cut_in_the_tool(tmp_path, capsys, monkey
     """Each gradual cut of a rank_score=output run weighs every channel-wise SVD layer by its inputs first, and
     leaves V's columns unit after it; the run meets its FLOPs budget."""
     from svdtrain.cli import main
-    from svdtrain.recipes import pipeline
+    from svdtrain.recipes import cuts
+    from svdtrain.recipes.run import Run
 
-    calls, original = [], pipeline.weigh_by_inputs_
+    calls, original = [], cuts.weigh_by_inputs_
 
     def spy(model, covariances):
         calls.append(original(model, covariances))
         return calls[-1]
 
-    monkeypatch.setattr(pipeline, "weigh_by_inputs_", spy)
+    monkeypatch.setattr(cuts, "weigh_by_inputs_", spy)
     args = ["run", "data=synthetic", "model=resnet20", "decomposition=channel", "rank_score=output",
             "target_speedup=0", "prune_flops=0.5", "prune_cuts=2", "train_epochs=1", "sparsify_epochs=1",
             "finetune_epochs=1", "whiten_images=64", "progress=false", "latency_repeats=3",
@@ -643,7 +647,7 @@ def test_rank_score_output_weighs_every_cut_in_the_tool(tmp_path, capsys, monkey
     assert main(args) == 0
     assert len(calls) >= 2 and all(len(names) == 21 for names in calls)  # 2 cuts (+ the prune stage's check)
     (folder,) = tmp_path.iterdir()
-    model = pipeline.Run.open(folder).model_after("sparsify")
+    model = Run.open(folder).model_after("sparsify")
     for _, layer in svdtrain.layers.svd_layers(model):
         assert torch.allclose(layer.V.norm(dim=-2), torch.ones(()), atol=1e-4)
     report = json.loads((folder / "report.json").read_text())
@@ -683,8 +687,9 @@ def test_methods_not_run_again_keep_an_earlier_sweeps_tuning_and_points(tmp_path
     assert speed["methods"] == ["svd_gradual", "group_sl"] and speed["kept"]["command"] == "speed sweep"
     assert [(p["method"], p["accuracy"]) for p in speed["points"]] == [("group_sl", 87.0), ("svd_gradual", 89.0)]
     assert set(speed["tuning"]["methods"]) == {"group_sl", "svd_gradual"}
-    assert pareto._kept_line(kept) == ["svd_gradual: tuning and points kept from an earlier sweep of the same dense "
-                                       "models (`--keep-from`), `flops sweep`."]
+    assert load_benchmark("render")._kept_line(kept) == [
+        "svd_gradual: tuning and points kept from an earlier sweep of the same dense models (`--keep-from`), "
+        "`flops sweep`."]
     with pytest.raises(SystemExit, match="dense models at \\[90.6, 90.72\\] %, this sweep's are resnet20 at"):
         pareto._earlier_sweep(args, [{"accuracy": 90.6}, {"accuracy": 90.7}])
     with pytest.raises(SystemExit, match="speed axis was swept on resnet20 with dense models at \\[90.6\\]"):
