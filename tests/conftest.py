@@ -60,6 +60,8 @@ def small_net():
 
 # --- docs/RELIABILITY.md: every fault injected and bad input tried, with the outcome the test observed -------
 _OBSERVED: list[tuple[str, str, str, str]] = []
+# docs/RELIABILITY.md: what is above this line is written by hand; what follows it, by `--reliability-doc`.
+RELIABILITY_MARKER = "<!-- observed by the tests: written by pytest --reliability-doc -->"
 
 
 def pytest_addoption(parser):
@@ -86,14 +88,19 @@ def pytest_sessionfinish(session, exitstatus):
         text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-[^/]+/[^/ ]+", "<tmp>", str(text))  # the test's own folder
         return " ".join(text.split()).replace("|", "\\|")
 
+    # Everything down to the marker line is written by hand (the guarantees the tables support) and kept as it is.
+    doc = Path(path)
+    old = doc.read_text() if doc.exists() else ""
+    head = old[:old.index(RELIABILITY_MARKER)] if RELIABILITY_MARKER in old else \
+        "# Reliability: faults injected and bad inputs tried by the tests\n\n"
     areas = list(dict.fromkeys(area for area, *_ in _OBSERVED))
-    lines = ["# Reliability: faults injected and bad inputs tried by the tests", "",
+    lines = [RELIABILITY_MARKER, "", "## Observed by the tests", "",
              "Written by `.venv/bin/python -m pytest -q tests --reliability-doc docs/RELIABILITY.md` (the whole "
              "suite); each outcome is what the test observed and asserted. "
              f"Last written {datetime.date.today()} (torch {torch.__version__}, Python {platform.python_version()}): "
              f"{session.testscollected} tests collected, {session.testsfailed} failed.", ""]
     for area in areas:
-        lines += [f"## {area}", "", "| fault or input | observed outcome | test |", "|---|---|---|"]
+        lines += [f"### {area}", "", "| fault or input | observed outcome | test |", "|---|---|---|"]
         lines += [f"| {cell(fault)} | {cell(outcome)} | `{name}` |" for a, fault, outcome, name in _OBSERVED if a == area]
         lines.append("")
-    Path(path).write_text("\n".join(lines))
+    doc.write_text(head + "\n".join(lines))
