@@ -61,7 +61,7 @@ def check_name(name: str):
 def new_folder(cfg: RunConfig, needed: int, config_json: str) -> Path:
     """A new folder out_dir/<name>-<time> holding config.json, after checking it can take `needed` bytes."""
     out = Path(cfg.out_dir)
-    check_writable(out, needed)
+    check_room(out, needed)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
         folder = out / (f"{cfg.name}-{stamp}" + (f"-{i}" if i else ""))
@@ -78,7 +78,7 @@ def new_folder(cfg: RunConfig, needed: int, config_json: str) -> Path:
     return folder
 
 
-def check_writable(folder: Path, needed: int):
+def check_room(folder: Path, needed: int):
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / ".svdtrain-write-test", b"")

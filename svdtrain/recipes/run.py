@@ -20,7 +20,7 @@ from .cuts import Cuts
 from .data import Dataset
 from .datasets import load_dataset
 from .files import load_into, load_weights
-from .folder import RunFolder, check_name, check_writable, new_folder, resolve_paths
+from .folder import RunFolder, check_name, check_room, new_folder, resolve_paths
 from .models import ModelError, build_model, one_line
 from .train import StageSettings, evaluate, fit
 
@@ -92,7 +92,7 @@ class Run(RunFolder, Cuts):
 
     def check_writable(self):
         """An error now, not after hours of training, when the run folder cannot take the run's files."""
-        self.cluster.on_main(lambda: check_writable(self.folder, self.space_needed()))
+        self.cluster.on_main(lambda: check_room(self.folder, self.space_needed()))
 
     @cached_property
     def data(self) -> Dataset:
