@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .attention import PROJECTIONS, SplitMultiheadAttention
+from .channels import resize_to_state_
 from .decompose import swap_modules
 from .forms import default_multiple, dense_copy, latency_grid, truncated, with_forms
 from .latency import BACKENDS, check_backend, paired_timing, runner, time_forms
@@ -117,13 +118,19 @@ def export(model: nn.Module, example_inputs, strategy: str = "flops", backend: s
     return export_decisions(model, example_inputs, strategy, backend)[0]
 
 
-def rebuild(model: nn.Module, layout: dict) -> nn.Module:
+def rebuild(model: nn.Module, layout: dict, state_dict: dict | None = None) -> nn.Module:
     """Turn a freshly built dense model into the architecture `export` produced, in place, from its layout.
 
     The weights are placeholders: load the exported state_dict next, e.g.
     `rebuild(build_my_model(), json.load(f)).load_state_dict(torch.load(path, weights_only=True))`.
     No code is unpickled: the layout is JSON, the weights a state_dict.
+
+    Args:
+        state_dict: the exported state_dict, needed when channels were removed (`prune_(channels=True)`): every
+            layer is rebuilt at the widths of its saved weights.
     """
+    if state_dict is not None:
+        resize_to_state_(model, state_dict)
     for name, entry in layout.items():
         if entry["form"] != "thin":
             continue
@@ -133,9 +140,15 @@ def rebuild(model: nn.Module, layout: dict) -> nn.Module:
             swap_modules(model, lambda m, fqn: SplitMultiheadAttention.from_dense(m) if m is attention else None)
         dense = model.get_submodule(name)
         if isinstance(dense, nn.Linear) or is_gpt2_conv1d(dense):
-            thin = SVDLinear.from_dense(dense, init="random", rank=entry["rank"]).to_thin_pair()
+            layer = SVDLinear.from_dense(dense, init="random", rank=1)
         else:
-            thin = SVDConv.from_dense(dense, decomposition=entry["decomposition"], init="random",
-                                      rank=entry["rank"]).to_thin_pair()
+            layer = SVDConv.from_dense(dense, decomposition=entry["decomposition"], init="random", rank=1)
+        first, second = (state_dict or {}).get(f"{name}.0.weight"), (state_dict or {}).get(f"{name}.1.weight")
+        if first is not None and second is not None:  # the widths it was exported at
+            layer._set_widths(first.shape[1] * layer.groups, second.shape[0])
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias.new_empty(second.shape[0]))
+        layer._make_factors(entry["rank"])
+        thin = layer.to_thin_pair()
         setattr(model.get_submodule(parent) if parent else model, child, thin)
     return model

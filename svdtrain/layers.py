@@ -166,11 +166,33 @@ class _Factorized(nn.Module):
         return float(kept)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A pruned checkpoint loads into a freshly decomposed model: adopt its rank.
+        # A pruned checkpoint loads into a freshly decomposed model: adopt its widths (channels removed) and rank.
+        U, V = state_dict.get(prefix + "U"), state_dict.get(prefix + "V")
+        if U is not None and V is not None and self.groups == 1 and (U.shape[-2], V.shape[-2]) != (self._a, self._b):
+            self._set_widths(V.shape[-2] // self._per_input(), U.shape[-2] // self._per_output())
+            self._make_factors(self.rank)
         s = state_dict.get(prefix + "s")
         if s is not None and s.shape[:-1] == self.s.shape[:-1] and s.shape[-1] != self.rank:
             self._make_factors(s.shape[-1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _per_output(self) -> int:
+        """Rows of U per output channel (per group): kw spatial-wise, else 1."""
+        return self._a * self.groups // self._widths()[1]
+
+    def _per_input(self) -> int:
+        """Rows of V per input channel (per group): kh spatial-wise, the kernel's size channel-wise, 1 for Linear."""
+        return self._b * self.groups // self._widths()[0]
+
+    def _set_widths(self, inputs: int, outputs: int, groups: int | None = None):
+        """Set the layer's input and output channels (features), its matrix size and full rank to match; the
+        factors are not touched (channels.py cuts them, `_load_from_state_dict` loads them)."""
+        per_in, per_out = self._per_input(), self._per_output()
+        self.groups = self.groups if groups is None else groups
+        self._a, self._b = outputs // self.groups * per_out, inputs // self.groups * per_in
+        self._weight_shape = (outputs, inputs // self.groups, *self._weight_shape[2:])
+        self.full_rank = min(self._a, self._b)
+        self._store_widths(inputs, outputs)
 
     def cost(self, input_shape) -> LayerCost:
         """MACs of one forward at `input_shape`, for each way of running the layer."""
@@ -220,6 +242,7 @@ class SVDLinear(_Factorized):
                  device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.dense_widths = (in_features, out_features)  # as built: channel removal narrows the layer, not this
         self._a, self._b = out_features, in_features
         self._weight_shape = (out_features, in_features)
         # Set for layers made from a Hugging Face GPT-2 `Conv1D`, whose weight is stored (in, out).
@@ -250,6 +273,12 @@ class SVDLinear(_Factorized):
     def weight(self) -> torch.Tensor:
         w = _Factorized.weight.fget(self)
         return w.T if self.transposed_weight else w
+
+    def _widths(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    def _store_widths(self, inputs: int, outputs: int):
+        self.in_features, self.out_features = inputs, outputs
 
     def _matrix_from_weight(self, weight):
         return weight
@@ -342,6 +371,7 @@ class SVDConv(_Factorized):
         else:
             padding = as_tuple(padding, dims)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.dense_widths = (in_channels, out_channels)  # as built: channel removal narrows the layer, not this
         self.kernel_size, self.stride, self.padding = as_tuple(kernel_size, dims), stride, padding
         self.dilation, self.padding_mode = as_tuple(dilation, dims), padding_mode
         self.transposed, self.output_padding = False, (0,) * dims
@@ -382,6 +412,12 @@ class SVDConv(_Factorized):
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
                   dims=len(layer.kernel_size), decomposition=decomposition, rank=rank, device=w.device, dtype=w.dtype)
         return new._init_from(layer, init, w)
+
+    def _widths(self) -> tuple[int, int]:
+        return self.in_channels, self.out_channels
+
+    def _store_widths(self, inputs: int, outputs: int):
+        self.in_channels, self.out_channels = inputs, outputs
 
     def _matrix_from_weight(self, weight):
         g, n, c = self.groups, self.out_channels // self.groups, self.in_channels // self.groups

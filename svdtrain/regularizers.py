@@ -11,6 +11,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .channels import channel_norms
 from .layers import svd_layers
 
 SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
@@ -71,4 +72,32 @@ def sparsity_loss(model: nn.Module, kind: str = "hoyer") -> torch.Tensor:
         l1 = s.abs().sum(-1)
         l2 = s.norm(dim=-1).clamp_min(torch.finfo(s.dtype).tiny)  # all-zero s: no NaN
         total = total + (l1 / l2 if kind == "hoyer" else (l1 / l2).square()).sum()
+    return total
+
+
+def channel_sparsity_loss(model: nn.Module, groups: list, kind: str = "hoyer") -> torch.Tensor:
+    """Σ over the removable channel groups of a sparsity measure of the group's channel norms (`channel_norms`:
+    each channel's U rows·s where it is written, batch-norm scale and shift on the way, V rows·s where it is read),
+    so that whole channels fade before a cut removes them (group sparsity, as Hinge and DeepHoyer's Group-HS).
+
+    Args:
+        groups: `svdtrain.channel_groups(model, example_inputs)`; call it again after channels are removed.
+        kind: as `sparsity_loss` ("hoyer", scale-invariant, the default; "l1"; "hoyer_square").
+
+    Example:
+        >>> groups = svdtrain.channel_groups(model, torch.randn(1, 3, 32, 32))
+        >>> loss = task_loss + 1e-2 * channel_sparsity_loss(model, groups)
+    """
+    if kind not in SPARSITY_KINDS:
+        raise ValueError(f"channel_sparsity_loss kind={kind!r}; allowed: {', '.join(SPARSITY_KINDS)}")
+    total = torch.zeros(())
+    for group in groups:
+        if not group.removable:
+            continue
+        norms = channel_norms(model, group)
+        if kind == "l1":
+            total = total + norms.mean()
+        else:
+            ratio = norms.sum() / norms.norm()
+            total = total + (ratio if kind == "hoyer" else ratio.square())
     return total

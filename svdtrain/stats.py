@@ -139,7 +139,7 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 @dataclass
 class Summary:
-    """Per-layer rows (name, kind, shape, rank, energy_kept, flops) and whole-model totals."""
+    """Per-layer rows (name, kind, shape, rank, channels, energy_kept, flops) and whole-model totals."""
 
     rows: list[dict]
     total_flops: int
@@ -149,12 +149,14 @@ class Summary:
         return {"rows": self.rows, "total_flops": self.total_flops, "total_params": self.total_params}
 
     def __str__(self) -> str:
-        table = format_table(self.rows, ["name", "kind", "shape", "rank", "energy_kept", "flops"])
+        table = format_table(self.rows, ["name", "kind", "shape", "rank", "channels", "energy_kept", "flops"])
         return f"{table}\ntotal: {self.total_flops:,} FLOPs, {self.total_params:,} parameters"
 
 
 def summary(model: nn.Module, example_inputs) -> Summary:
-    """One row per Linear/Conv/SVD layer: name, kind, weight shape, rank / full rank, energy kept, FLOPs.
+    """One row per Linear/Conv/SVD layer: name, kind, weight shape, rank / full rank, channels kept, energy kept,
+    FLOPs. Channels kept: for an SVD layer "all", or after `prune_(channels=True)` the input and output channels
+    (features) kept of those it was built with; empty for a plain layer.
 
     A split attention's projections are rows like any Linear; an nn.MultiheadAttention is one row
     (its four E × E projections and its attention products).
@@ -170,15 +172,18 @@ def summary(model: nn.Module, example_inputs) -> Summary:
             continue
         if isinstance(m, nn.MultiheadAttention):  # packed q, k, v: one row, the attention products included
             rows.append({"name": name, "kind": "MultiheadAttention", "shape": f"{m.embed_dim}×{m.embed_dim}×4",
-                         "rank": "dense", "energy_kept": None, "flops": per_module.get(name, 0)})
+                         "rank": "dense", "channels": "", "energy_kept": None, "flops": per_module.get(name, 0)})
             continue
         if isinstance(m, SVD_LAYERS):
             kind = type(m).__name__ + (f"{m.dims}d {m.decomposition}" if hasattr(m, "dims") else "")
             rank, energy = f"{m.rank}/{m.full_rank}", float(m.energy_kept)
+            (inputs, outputs), (dense_in, dense_out) = m._widths(), m.dense_widths
+            kept = "all" if (inputs, outputs) == (dense_in, dense_out) else \
+                f"in {inputs}/{dense_in}, out {outputs}/{dense_out}"
         elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_gpt2_conv1d(m):
-            kind, rank, energy = type(m).__name__, "dense", None
+            kind, rank, energy, kept = type(m).__name__, "dense", None, ""
         else:
             continue
         rows.append({"name": name, "kind": kind, "shape": "×".join(map(str, m.weight.shape)), "rank": rank,
-                     "energy_kept": energy, "flops": per_module.get(name, 0)})
+                     "channels": kept, "energy_kept": energy, "flops": per_module.get(name, 0)})
     return Summary(rows, total, count_params(model))

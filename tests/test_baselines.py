@@ -11,9 +11,10 @@ from torch import nn
 
 import svdtrain
 from conftest import rel_err
-from svdtrain.prune import rank_for_energy, tail_energy
+from svdtrain.channels import resize_to_state_
 from svdtrain.latency import threads
-from svdtrain.recipes.baselines import (filter_prune_, group_sparsity_pruner, nuclear_norm, resize_to_state_, trp_layers,
+from svdtrain.prune import rank_for_energy, tail_energy
+from svdtrain.recipes.baselines import (filter_prune_, group_sparsity_pruner, nuclear_norm, trp_layers,
                                         trp_truncate_)
 from svdtrain.recipes.config import ConfigError, RunConfig
 from svdtrain.recipes.datasets import FASHION_MNIST_DIR

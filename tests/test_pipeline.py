@@ -421,3 +421,23 @@ def test_a_model_returning_an_output_object_or_a_tuple_runs_through_the_tool(tmp
     assert (folder / "export" / "model.onnx").is_file()
     program = torch.export.load(folder / "export" / "model.pt2")  # exported at batch 1
     assert rel_err(program.module()(x[:1]), logits[:1]) <= 1e-4
+
+
+def test_prune_channels_cuts_channels_and_ranks_and_the_export_reloads_at_the_new_widths(tmp_path, capsys):
+    """prune_channels=true: the gradual cuts remove channels as well as ranks toward the FLOPs budget, every stage
+    after them loads the narrower model from its checkpoint, and the export rebuilds without code at those widths."""
+    code, out, _ = run_cli(["run", *SYNTHETIC, "prune_flops=0.3", "prune_cuts=3", "prune_channels=true",
+                            "lambda_c=0.1", "onnx=false", f"out_dir={tmp_path}"], capsys)
+    assert code == 0
+    assert out.count("rank and channel cut at") >= 2 and "channels " in out
+    folder = Path(out.strip().splitlines()[-1])
+    run = Run.open(folder)
+    x = run.example_input()
+    finetuned = run.model_after("finetune").eval()
+    dense_flops = svdtrain.count_flops(run.dense_model(), x)
+    assert svdtrain.count_flops(svdtrain.export(finetuned, x), x) / dense_flops <= 0.3
+    assert any(row["channels"] != "all" for row in svdtrain.summary(finetuned, x).rows if row["channels"])
+    exported = load_exported(folder)
+    assert rel_err(exported(x), finetuned(x)) <= 1e-5
+    header, first = [line.split(",") for line in (folder / "sparsify" / "log.csv").read_text().splitlines()[:2]]
+    assert float(first[header.index("channel_sparsity")]) > 0  # the regularizer trained and was logged

@@ -42,7 +42,8 @@ def test_summary_rows_and_table():
     assert rows["head.2"]["flops"] == 2 * 32 * 5
     assert result.total_flops == count_flops(model, x) and result.total_params == count_params(model)
     lines = str(result).splitlines()
-    assert lines[0].split() == ["name", "kind", "shape", "rank", "energy_kept", "flops"]
+    assert lines[0].split() == ["name", "kind", "shape", "rank", "channels", "energy_kept", "flops"]
+    assert rows["stem"]["channels"] == "all" and rows["head.2"]["channels"] == ""
     assert len({len(line) for line in lines[2:-1]} | {len(lines[1])}) == 1  # aligned: every row as wide
     assert lines[-1].startswith("total:")
 

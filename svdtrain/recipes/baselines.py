@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtrain
+from svdtrain.channels import adopt_
 from svdtrain.decompose import select_layers, split_attention_
 from svdtrain.export import TIE
 from svdtrain.layers import SVDConv, SVDLinear, svd_layers
@@ -286,7 +287,7 @@ def filter_prune_(model: nn.Module, example_inputs: torch.Tensor, ignored: list[
         measured = speed(result)
     out = {"cut": True, "channel_ratio": hi, "global_steps": steps,
            "flops": svdtrain.count_flops(result, example_inputs), "dense_flops": dense, **measured}
-    _adopt(model, result)
+    adopt_(model, result)
     return out
 
 
@@ -311,35 +312,3 @@ def _global_steps(model: nn.Module, example_inputs: torch.Tensor, ignored_names:
             return model, step
         pruner.step()
     return model, steps
-
-
-def _adopt(model: nn.Module, pruned: nn.Module):
-    """Make `model` the pruned network in place: same module tree, the pruned layers and weights, its own mode."""
-    for name, child in pruned.named_children():
-        setattr(model, name, child)
-    for name, p in pruned.named_parameters(recurse=False):
-        setattr(model, name, p)
-    model.train(model.training)
-
-
-def resize_to_state_(model: nn.Module, state: dict) -> nn.Module:
-    """Rebuild Conv/Linear/BatchNorm layers whose saved weights have fewer channels (a filter-pruned model)."""
-    for name, module in list(model.named_modules()):
-        weight = state.get(f"{name}.weight" if name else "weight")
-        if weight is None or not hasattr(module, "weight") or weight.shape == module.weight.shape:
-            continue
-        if isinstance(module, nn.modules.conv._ConvNd):
-            groups = module.groups if module.groups == 1 else weight.shape[0]  # depthwise stays depthwise
-            new = type(module)(weight.shape[1] * groups, weight.shape[0], module.kernel_size, module.stride,
-                               module.padding, module.dilation, groups, module.bias is not None, module.padding_mode)
-        elif isinstance(module, nn.Linear):
-            new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            new = type(module)(weight.shape[0], module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        else:
-            raise ValueError(f"{name}: saved weight {tuple(weight.shape)} does not fit {type(module).__name__} "
-                             f"{tuple(module.weight.shape)}; is this checkpoint from a different model?")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model

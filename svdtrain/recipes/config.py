@@ -130,6 +130,16 @@ class RunConfig:
         "softened logits) against the cross-entropy's 1 − distill; 0 = off")))
     distill_temperature: float = field(default=4.0, metadata=_range(0, low_open=True,
                                                                     doc="softening of both models' logits"))
+    prune_channels: bool = field(default=False, metadata=_doc(
+        "svd: the cuts remove whole channels as well as singular values (those that can go together, coupled "
+        "through residual additions): ranks first, up to rank_energy, then one ratio of channels in every group, "
+        "the budget met by timing whole candidate models"))
+    rank_energy: float = field(default=0.05, metadata=_range(0, 1, low_open=True, high_open=True, doc=(
+        "with prune_channels: a cut takes singular values first, each layer losing at most this much of its Σ s², "
+        "then channels, one ratio in every group, for the rest of the budget")))
+    lambda_c: float = field(default=0.0, metadata=_range(0, doc=(
+        "with prune_channels: weight of the channel sparsity regularizer (the sparsity kind of each channel "
+        "group's channel norms) during sparsify; 0 = off, the default: 0.1 cost accuracy on the validation split")))
     round_to: int = field(default=0, metadata=_range(0, doc=(
         "filter_pruning, group_sl: each pruned layer keeps a multiple of this many channels (Torch-Pruning's "
         "round_to: sizes the backend runs well); 0 = any count")))
@@ -224,6 +234,12 @@ class RunConfig:
             raise ConfigError("rank_score=output weighs each singular value by the layer's inputs, which channel-wise "
                               "matrices have (a conv's input patches), in SVD training's cuts; allowed: method=svd "
                               "with decomposition=channel, or rank_score=size")
+        if self.prune_channels and self.method != "svd":
+            raise ConfigError(f"prune_channels removes channels in SVD training's cuts; method={self.method} "
+                              "has its own (filter_pruning, group_sl) or none; allowed: method=svd")
+        if self.prune_channels and self.rank_score == "output":
+            raise ConfigError("prune_channels ranks channels by their norms and singular values by size; allowed: "
+                              "rank_score=size")
         if self.method in FILTER_METHODS and not (self.prune_flops or self.target_speedup):
             raise ConfigError(f"method={self.method} needs prune_flops=FRACTION or target_speedup=S (the budget of "
                               "the pruned model)")

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 import svdtrain
+from svdtrain.channels import resize_to_state_
 from svdtrain.export import export_decisions
-from svdtrain.latency import threads
+from svdtrain.forms import dense_copy
+from svdtrain.latency import paired_timing, runner, threads
 from svdtrain.layers import svd_layers
 from svdtrain.prune import PruneReport
 
-from .baselines import filter_prune_, input_covariances, normalize_v_, resize_to_state_, weigh_by_inputs_
+from .baselines import filter_prune_, input_covariances, normalize_v_, weigh_by_inputs_
 from .files import load_into
 from .train import evaluate
 
@@ -51,6 +53,8 @@ class Cuts:
     def _prune_by_size(self, model: nn.Module, fraction: float | None, reach: bool) -> PruneReport:
         cfg = self.cfg
         options = dict(min_rank=cfg.min_rank, rank_multiple=cfg.rank_multiple or None)
+        if cfg.prune_channels:
+            return self._prune_with_channels(model, fraction, reach, options)
         if cfg.target_speedup:
             def decide() -> PruneReport:  # from timings, which differ between processes: rank 0 decides for all
                 with threads(cfg.export_threads):
@@ -68,6 +72,50 @@ class Cuts:
         device = next(model.parameters()).device
         return svdtrain.prune_(model, **knob, example_inputs=self.example_input().to(device), **options)
 
+    def _prune_with_channels(self, model: nn.Module, fraction: float | None, reach: bool, options: dict) -> PruneReport:
+        """prune_(channels=True) toward the run's budget as a fraction of the dense model before SVD training (the
+        budget's reference however many channels earlier cuts removed), decided by rank 0 on a CPU copy (timings
+        differ between processes); every process then takes its weights and widths."""
+        cfg = self.cfg
+        if cfg.target_speedup:
+            knob = {"latency": fraction or self.budget_fraction, "backend": cfg.export_backend, "reach": reach}
+            example = self.example_input(cfg.export_batch)
+        else:
+            knob = ({"flops": fraction or cfg.prune_flops} if cfg.prune_flops else
+                    {"params": fraction or cfg.prune_params} if cfg.prune_params else {"energy": cfg.energy})
+            example = self.example_input()
+
+        def decide():
+            candidate = copy.deepcopy(model).cpu()
+            with threads(cfg.export_threads if cfg.target_speedup else 0):
+                report = svdtrain.prune_(candidate, **knob, example_inputs=example, channels=True,
+                                         reference=self.dense_reference, rank_energy=cfg.rank_energy,
+                                         **options)
+            return report, candidate.state_dict()
+
+        report, state = self.cluster.on_main(decide)
+        self.take_cut(model, state, "a cut of ranks and channels")
+        return report
+
+    def take_cut(self, model: nn.Module, state: dict, what: str):
+        """`model` becomes the cut copy whose state rank 0 sent: its widths and weights, on the model's device, in
+        its mode."""
+        device, training = next(model.parameters()).device, model.training
+        resize_to_state_(model, state)
+        load_into(model, state, what)
+        model.to(device).train(training)
+        if self.cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+    @property
+    def dense_reference(self) -> nn.Module | None:
+        """The dense model SVD training started from (the train stage's, every SVD layer dense), on the CPU: what a
+        budget is a fraction of once channels are removed; None before the train stage is done (the preflight's
+        model is at its full widths)."""
+        if "_dense_reference" not in self.__dict__ and self.done("train"):
+            self._dense_reference = dense_copy(self.model_after("train")).cpu().eval()
+        return self.__dict__.get("_dense_reference")
+
     def scheduled_fraction(self, progress: float) -> float:
         """The cubic schedule (Zhu & Gupta's gradual pruning): at `progress` p of the stage the model may keep
         budget + (1 − budget)·(1 − p)³ of the dense latency / FLOPs / params, so most goes early, while the network
@@ -84,14 +132,19 @@ class Cuts:
                 measured = "" if not anchor else (
                     f"; {'before the cut' if anchor['at'] == 'as it stands' else anchor['at']} measured "
                     f"{anchor['measured']:.3f}, layer times said {anchor['predicted']:.3f}")
-                said.append(f"latency {report.latency_after_ms / report.dense_latency_ms:.3f} of dense (predicted on "
-                            f"{report.backend}{measured})")
+                said.append(f"latency {report.latency_after_ms / report.dense_latency_ms:.3f} of dense "
+                            f"({'measured' if report.channels else 'predicted'} on {report.backend}{measured})")
             if report.flops_after is not None:
                 said.append(f"FLOPs {report.flops_after / report.dense_flops:.3f} of dense")
             said.append(f"params {report.params_after / report.dense_params:.3f} of dense")
-            self.echo(f"  rank cut at {progress:.0%} of the stage: {', '.join(said[:2])}")
+            said = said[:2] + ([channels_kept(report)] if report.channels else [])
+            self.echo(f"  {'rank and channel' if report.channels else 'rank'} cut at {progress:.0%} of the stage: "
+                      f"{', '.join(said)}")
             self.log_cut(model, progress, flops=report.flops_after and report.flops_after / report.dense_flops,
-                         latency=report.latency_after_ms and report.latency_after_ms / report.dense_latency_ms)
+                         latency=report.latency_after_ms and report.latency_after_ms / report.dense_latency_ms,
+                         **({"channels": {row["name"]: row["channels_after"] for row in report.channels},
+                             "ranks": {row["name"]: row["rank_after"] for row in report.layers}}
+                            if report.channels else {}))
         return report.cut
 
     def log_cut(self, model: nn.Module, progress: float, **measured):
@@ -115,11 +168,16 @@ class Cuts:
     def measured_speedup(self, model: nn.Module) -> dict:
         """{speedup, speedup_iqr}: `model` (SVD form) exported for the deployment against its dense form, as the
         export's own whole-model check timed them alternately there (export_backend at export_batch on
-        export_threads; median of the paired ratios); 1× when the export is the dense model."""
+        export_threads; median of the paired ratios); 1× when the export is the dense model. With prune_channels,
+        against the dense model before any channel was cut."""
         cfg = self.cfg
+        x = self.example_input(cfg.export_batch)
         with threads(cfg.export_threads):
-            _, decisions = export_decisions(copy.deepcopy(model).cpu().eval(), self.example_input(cfg.export_batch),
-                                            "latency", cfg.export_backend)
+            small, decisions = export_decisions(copy.deepcopy(model).cpu().eval(), x, "latency", cfg.export_backend)
+            if cfg.prune_channels:  # the export's own check times it against its dense form, at the cut widths
+                timed = paired_timing(runner(self.dense_reference, x, cfg.export_backend),
+                                      runner(small, x, cfg.export_backend), 2.0)
+                return {"speedup": timed["speedup"], "speedup_iqr": timed["speedup_iqr"]}
         whole = decisions["whole"]
         if whole is None or not whole["kept_thin"]:
             return {"speedup": 1.0, "speedup_iqr": [1.0, 1.0]}
@@ -162,12 +220,7 @@ class Cuts:
         out, state = self.cluster.on_main(decide)
         if state is None:
             return False
-        device, training = next(model.parameters()).device, model.training
-        resize_to_state_(model, state)
-        load_into(model, state, "a gradual channel cut")
-        model.to(device).train(training)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+        self.take_cut(model, state, "a gradual channel cut")
         reached = f"{out['speedup']:.2f}× the dense model's speed measured on {cfg.export_backend}" \
             if "speedup" in out else f"FLOPs {out['flops'] / out['dense_flops']:.3f} of dense"
         removed = channels_removed(out, "dense channels")
@@ -183,10 +236,19 @@ def channels_removed(pruned: dict, of: str = "channels") -> str:
             + (f", then {steps} global step{'s' * (steps > 1)} of the least important" if steps else ""))
 
 
+def channels_kept(report: PruneReport) -> str:
+    """How many channels a cut with channels kept, over the groups it could cut."""
+    rows = [row for row in report.channels if not row["why_kept"]]
+    return (f"channels {sum(row['channels_after'] for row in rows)} of {sum(row['channels_before'] for row in rows)} "
+            f"in {len(rows)} groups")
+
+
 def merged(first: PruneReport, second: PruneReport) -> PruneReport:
     """One report for two prunes in a row: the ranks and costs before the first, after the second."""
     for row, before in zip(second.layers, first.layers):
         row["rank_before"] = before["rank_before"]
+    for row, before in zip(second.channels, first.channels):
+        row["channels_before"] = before["channels_before"]
     second.flops_before, second.params_before = first.flops_before, first.params_before
     second.latency_before_ms = first.latency_before_ms
     return second

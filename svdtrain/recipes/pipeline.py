@@ -67,7 +67,8 @@ def stage_sparsify(run: Run) -> dict:
             run.decompose(model, init="svd")
         run.write_in("sparsify", "spectra_before.json", json.dumps(spectra(model)))
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, cfg.lambda_o, cfg.lambda_s,
-                           cut=run.gradual_cut, rank_cuts=cfg.prune_cuts)
+                           cut=run.gradual_cut, rank_cuts=cfg.prune_cuts,
+                           lambda_c=cfg.lambda_c if cfg.prune_channels else 0.0)
         run.write_in("sparsify", "spectra_after.json", json.dumps(spectra(model)))
     elif cfg.method == "trp":
         accuracy = run.fit(model, "sparsify", cfg.sparsify_epochs, cfg.lr, 0.0, 0.0, nuclear=cfg.trp_nuclear,

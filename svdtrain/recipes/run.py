@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import svdtrain
+from svdtrain.channels import resize_to_state_
 from svdtrain.config import name_matches
 from svdtrain.latency import check_backend
 
-from .baselines import FILTER_METHODS, resize_to_state_
+from .baselines import FILTER_METHODS
 from .config import RunConfig
 from .cuts import Cuts
 from .data import Dataset
@@ -145,13 +146,12 @@ class Run(RunFolder, Cuts):
         return model
 
     def model_after(self, stage: str) -> nn.Module:
-        """The model a stage left: SVD form with its ranks, or dense (filter-pruned layers resized)."""
+        """The model a stage left: SVD form with its ranks, or dense; at the widths it left (channels removed)."""
         state = load_weights(self.stage_dir(stage) / "final.pt")
         model = self.dense_model()
         if self.result(stage)["form"] == "svd":
             self.decompose(model)
-        else:
-            resize_to_state_(model, state)
+        resize_to_state_(model, state)
         load_into(model, state, f"{stage}/final.pt")
         return model
 
@@ -209,7 +209,7 @@ def load_exported(run_folder: Path, run: Run | None = None, trust_code: bool = F
     state = load_weights(run.stage_dir("export") / "model.pt")
     model = run.dense_model()
     if layout["kind"] == "svd":
-        svdtrain.rebuild(model, {row["name"]: row for row in layout["layers"]})
+        svdtrain.rebuild(model, {row["name"]: row for row in layout["layers"]}, state)
     else:
         resize_to_state_(model, state)
     load_into(model, state, f"{run_folder}/export/model.pt")

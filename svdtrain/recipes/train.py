@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtrain
+from svdtrain.channels import channel_groups, resize_to_state_
 from svdtrain.layers import svd_layers
 from svdtrain.prune import rank_for_energy, tail_energy
 
-from .baselines import nuclear_norm, resize_to_state_, trp_layers, trp_truncate_
+from .baselines import nuclear_norm, trp_layers, trp_truncate_
 from .config import RunConfig
 from .data import Dataset, Split
 from .distributed import Cluster
@@ -46,6 +47,7 @@ class StageSettings:
     lr: float
     lambda_o: float  # orthogonality weight (0 for a dense model)
     lambda_s: float  # sparsity weight
+    lambda_c: float = 0.0  # channel sparsity weight (prune_channels)
     nuclear: float = 0.0  # TRP: nuclear-norm weight on the dense layers
     truncate_every: int = 0  # TRP: replace the dense weights by their truncated SVD every this many steps
     truncate_energy: float = 0.0  # TRP: energy rule used for that truncation
@@ -208,6 +210,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
     steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
     cuts = cut_schedule(stage.epochs, steps, stage.rank_cuts)
     weight = cfg.distill if teacher is not None else 0.0  # of the distillation term against the cross-entropy
+    groups = None  # the channel groups, traced at the first step and again after each cut
     for epoch in range(start, stage.epochs):
         lr = stage.lr * lr_factor(cfg, epoch, stage.epochs)
         for group in opt.param_groups:
@@ -216,7 +219,7 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         model.train()
         # This process's sums over the epoch (task loss, correct, regularizers × images, distillation, images),
         # kept on the device so that a step does not wait for them; added over the processes at the epoch's end.
-        sums = torch.zeros(7, dtype=torch.float64, device=cluster.device)
+        sums = torch.zeros(8, dtype=torch.float64, device=cluster.device)
         skipped = 0
         started = time.perf_counter()
         batches = data.batches(train, cfg.batch_size, generator, augment=cfg.augment, max_batches=cfg.max_batches,
@@ -238,9 +241,12 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             fitted = (1 - weight) * task_sum + weight * distill if weight else task_sum
             ortho = _regularizer(svd, stage.lambda_o, svdtrain.orthogonality_loss, model)
             sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
+            if stage.lambda_c and groups is None:
+                groups = channel_groups(model, x[:1])
+            channel = svdtrain.channel_sparsity_loss(model, groups, cfg.sparsity) if stage.lambda_c else torch.zeros(())
             nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
             loss = fitted * (cluster.world / batch) + stage.lambda_o * ortho + stage.lambda_s * sparse \
-                + stage.nuclear * nuclear
+                + stage.lambda_c * channel + stage.nuclear * nuclear
             opt.zero_grad(set_to_none=True)
             loss.backward()
             # One wait for the device checks the loss and every gradient. The gradients are the same on
@@ -264,12 +270,12 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 # The optimizer's state belonged to the cut factors or channels; the pruned ones start afresh at
                 # this epoch's lr.
                 opt = make_optimizer(cfg, model, lr, stage.optimizer)
-                forward = wrapped()
+                forward, groups = wrapped(), None
             with torch.no_grad():
-                values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), nuclear * len(y),
-                          distill)
+                values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), channel * len(y),
+                          nuclear * len(y), distill)
                 sums += torch.stack([v.to(sums) for v in values] + [sums.new_tensor(len(y))])
-        task, correct, ortho, sparse, nuclear, distill, seen = cluster.sum(sums.tolist())  # waits for the device
+        task, correct, ortho, sparse, channel, nuclear, distill, seen = cluster.sum(sums.tolist())  # waits for the device
         if seen == 0:
             raise TrainingError(f"every step of stage {stage.name}, epoch {epoch + 1} had a non-finite loss or "
                                 f"gradient; last good checkpoint: {_last_good(folder)}")
@@ -278,10 +284,10 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
         test_acc, test_loss = evaluate(model, data, data.test, cfg, cluster)
         seconds = time.perf_counter() - started
         means = {"task_loss": task / seen, "orthogonality": ortho / seen, "sparsity": sparse / seen,
-                 "nuclear": nuclear / seen, "distillation": distill / seen}
+                 "channel_sparsity": channel / seen, "nuclear": nuclear / seen, "distillation": distill / seen}
         loss = (1 - weight) * means["task_loss"] + weight * means["distillation"] \
             + stage.lambda_o * means["orthogonality"] + stage.lambda_s * means["sparsity"] \
-            + stage.nuclear * means["nuclear"]
+            + stage.lambda_c * means["channel_sparsity"] + stage.nuclear * means["nuclear"]
         row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr, "loss": loss, **means,
                "train_accuracy": 100.0 * correct / seen, "test_accuracy": test_acc, "test_loss": test_loss,
                "seconds": seconds, "images_per_second": seen / train_seconds, "skipped_steps": skipped}
