@@ -2,7 +2,6 @@
 rank_score.py): the methods' settings and tuning budget, running operating points from one shared dense
 checkpoint (`Sweep`), tuning on a validation split (`tune`), and reading the curves at matched FLOPs and speed
 (`interpolate`, `at_reduction`, `bars`). Rendering lives in render.py, each command line in its script.
-
 A script's method tables are a `Tables` it passes to `tune` (the CNN sweep's are `CNN`); no script changes this
 module's tables.
 """
@@ -40,6 +39,9 @@ METHODS = {
     "svd_spatial": {**_PAPER, "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial"},
     "svd_gradual": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial",
                     "prune_cuts": 8},
+    # SVD training cutting channels as well as singular values, with the channel regularizer (its alternative: none).
+    "svd_channels": {"method": "svd", "sparsity": "hoyer", "lambda_s": 0.1, "decomposition": "spatial",
+                     "prune_cuts": 8, "prune_channels": True, "lambda_c": 0.1},
     "truncated_svd": {"method": "truncated_svd", "decomposition": "channel"},
     "whitened_svd": {"method": "whitened_svd", "decomposition": "channel"},
     "trp": {"method": "trp", "decomposition": "channel", "trp_energy": 0.1, "trp_period": 20, "trp_nuclear": 3e-4},
@@ -76,7 +78,8 @@ EXACT = {"rank_multiple": 1, "export_strategy": "flops"}
 # On the speed axis, the rounding each method's structure allows is a setting like any other, tried on the
 # validation split: ranks in multiples of 8 instead of prune_'s default (16 for most layers), channel counts
 # in multiples of 8 (Torch-Pruning's round_to) instead of any count.
-ROUNDING = {"svd_gradual": {"rank_multiple": 8}, "truncated_svd": {"rank_multiple": 8}, "whitened_svd": {"rank_multiple": 8},
+ROUNDING = {"svd_gradual": {"rank_multiple": 8}, "svd_channels": {"rank_multiple": 8},
+            "truncated_svd": {"rank_multiple": 8}, "whitened_svd": {"rank_multiple": 8},
             "filter_pruning": {"round_to": 8}, "group_sl": {"round_to": 8}}
 # The tuning budget, the same for every method on an axis: its own settings above, one alternative of its own,
 # fine-tuning at a lower lr (for a model that is still accurate after its cut, the default 3e-4 can undo more
@@ -89,6 +92,7 @@ ALTERNATIVES = {
     "svd": {"lambda_s": 0.03},
     "svd_spatial": {"lambda_s": 0.03},
     "svd_gradual": {"finetune_lr": 3e-5},
+    "svd_channels": {"lambda_c": 0.0},
     "truncated_svd": {"finetune_lr": 1e-3},
     "whitened_svd": {"finetune_lr": 1e-3},
     "trp": {"trp_energy": 0.2},
@@ -99,7 +103,8 @@ ALTERNATIVES = {
     "svd_hoyer_square": {"lambda_s": 0.003},
 }
 # Each method's lever, per axis (the knob its points are budgeted by). svd_gradual: on the speed axis, ranks in
-# multiples of 16 only (no rank below the multiple where measured faster); at matched FLOPs, channel-wise layers.
+# multiples of 16 only (no rank below the multiple where measured faster); at matched FLOPs, channel-wise layers;
+# svd_channels: fine-tuning at 1e-3, the lr that helps a model whose channels were cut (filter pruning's one shot).
 # Truncated SVD: the other decomposition (on the speed axis it starts spatial-wise, as channel-wise pairs reach no
 # speed target). Filter pruning: one cut (at its best fine-tuning lr of the earlier sweeps) instead of gradual
 # cuts. Group sparsity learning: a third strength, above the two its earlier tunings tried.
@@ -108,7 +113,8 @@ LEVERS = {
                     "filter_pruning": {"prune_cuts": 0, "finetune_lr": 1e-3}, "group_sl": {"group_sl_reg": 2e-3},
                     "trp": {"trp_period": 10}, "whitened_svd": {"whiten_images": 8192},
                     "svd": {"decomposition": "spatial"}, "svd_spatial": {"decomposition": "channel"}},
-    "target_speedup": {"svd_gradual": {"rank_multiple": 16}, "truncated_svd": {"decomposition": "channel"},
+    "target_speedup": {"svd_gradual": {"rank_multiple": 16}, "svd_channels": {"finetune_lr": 1e-3},
+                       "truncated_svd": {"decomposition": "channel"},
                        "filter_pruning": {"prune_cuts": 0, "finetune_lr": 1e-3}, "group_sl": {"group_sl_reg": 2e-3}},
 }
 DEFAULT_LEVER = {"finetune_lr": 3e-5}  # a method with no lever of its own: a lower fine-tuning lr still
@@ -382,12 +388,13 @@ def speed_bars(result: dict) -> dict:
             curves.setdefault(p["method"], []).append(p)
     matched = {f"{r:g}x": {m: interpolate(pts, r, axis="speedup_b1") for m, pts in curves.items()} for r in SPEEDS}
     serving = {"2x": {m: interpolate(pts, 2.0, axis="speedup_b32") for m, pts in curves.items()}}
+    targets = {p["method"]: p["knob_value"] for p in reached if p["seed"] == 1}  # kept methods: their own targets
     seeds = {}
     for p in reached:
-        if p["knob_value"] == speed["seed_target"]:
-            entry = seeds.setdefault(p["method"], {"accuracy": [], "speedup_b1": [], "speedup_b32": []})
-            for key in entry:
-                entry[key].append(p[key])
+        if p["knob_value"] == targets.get(p["method"], speed["seed_target"]):
+            entry = seeds.setdefault(p["method"], {"target": p["knob_value"]})
+            for key in ("accuracy", "speedup_b1", "speedup_b32"):
+                entry.setdefault(key, []).append(p[key])
     for entry in seeds.values():
         entry["mean"] = statistics.mean(entry["accuracy"])
 
@@ -408,10 +415,10 @@ def speed_bars(result: dict) -> dict:
         new["2x"]["within_1_point_of_dense"] = None if new["2x"]["accuracy"] is None else \
             new["2x"]["accuracy"] >= dense - 1.0
         new["reach"] = max(p["speedup_b1"] for p in curves[NEW_RECIPE])
-        two_seeds = {m: e["mean"] for m, e in seeds.items() if len(e["accuracy"]) >= 2}
-        rival, rival_mean = _best_filter(two_seeds)
-        new["seeds"] = {"target": speed["seed_target"], "mean": two_seeds.get(NEW_RECIPE), "filter_pruning": rival,
-                        "filter_pruning_mean": rival_mean}
+        ours = targets.get(NEW_RECIPE, speed["seed_target"])
+        two = {m: e["mean"] for m, e in seeds.items() if len(e["accuracy"]) >= 2 and e["target"] == ours}
+        rival, rival_mean = _best_filter(two)
+        new["seeds"] = {"target": ours, "mean": two.get(NEW_RECIPE), "filter_pruning": rival, "filter_pruning_mean": rival_mean}
     # Where two curves overlap, both read at the ends of the overlap: a comparison at matched measured speed even
     # when the fixed speed-ups of the table fall outside one of them.
     overlap = {}

@@ -235,7 +235,8 @@ def _kept(args, earlier: dict, tuning: dict, records: list[dict], speed: dict | 
         kept = [m for m in dict.fromkeys(p["method"] for p in old["points"]) if m not in ran]
         axis_tuning.update({m: old["tuning"]["methods"][m] for m in kept if m in old["tuning"]["methods"]})
         axis_records += [p for p in old["points"] if p["method"] in kept]
-        notes[axis] = {"from": args.keep_from, "command": old.get("command", earlier["command"]), "methods": kept}
+        notes[axis] = {"from": args.keep_from, "command": old.get("command", earlier["command"]), "methods": kept,
+                       **({"tuning_target": old["tuning"]["target_speedup"]} if "target_speedup" in old["tuning"] else {})}
     if speed:
         speed.update(methods=[*notes["speed"]["methods"], *args.speed_methods], kept=notes["speed"])
     return notes.get("flops", {})

@@ -115,7 +115,8 @@ def _kept_line(kept: dict | None) -> list[str]:
     if not kept or not kept["methods"]:
         return []
     return [f"{', '.join(kept['methods'])}: tuning and points kept from an earlier sweep of the same dense models "
-            f"(`--keep-from`), `{kept['command']}`."]
+            f"(`--keep-from`), `{kept['command']}`"
+            + (f", tuned there at target_speedup {kept['tuning_target']:g}." if "tuning_target" in kept else ".")]
 
 
 def _flops_markdown(result: dict) -> list[str]:
@@ -263,6 +264,23 @@ def _cut_rows(points, where: str) -> list[str]:
             *[f"| {k:.0%} | " + " | ".join(fmt(c.get(k)) for c in curves.values()) + " |" for k in steps]]
 
 
+def _removal_rows(points) -> list[str]:
+    """What each cut of a method that removes channels as well as ranks took, as measured at the cut."""
+    lines = []
+    for p in points:
+        cuts = [c for c in p.get("cuts", []) if "channels" in c]
+        if not cuts:
+            continue
+        lines += ["", f"What each cut of `{p['method']}` removed (seed {p['seed']}, target {p['knob_value']:g}×; "
+                  "latency timed whole against dense on the deployment at the cut, not predicted; channels summed "
+                  "over every channel group, ranks over every SVD layer; accuracy as in the table above):", "",
+                  "| stage progress | latency (of dense) | FLOPs (of dense) | channels kept | ranks kept | "
+                  "accuracy right after (%) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['progress']:.0%} | {c['latency']:.3f} | {c['flops']:.3f} | {sum(c['channels'].values())} | "
+                  f"{sum(c['ranks'].values())} | {fmt(c.get('accuracy'))} |" for c in cuts]
+    return lines
+
+
 def _yes(ok) -> str:
     return "—" if ok is None else "yes" if ok else "**no**"
 
@@ -341,13 +359,19 @@ def _speed_markdown(result: dict) -> list[str]:
             (low, high), ours, theirs = o["speedups"], o[NEW_RECIPE], o[method]
             lines.append(f"- against {method}, {low:.2f}×–{high:.2f}×: {ours[0]:.2f} vs {theirs[0]:.2f} % at "
                          f"{low:.2f}×, {ours[1]:.2f} vs {theirs[1]:.2f} % at {high:.2f}×")
+    targets = {m: e.get("target", speed["seed_target"]) for m, e in b["seeds"].items()}  # each method's own
     if b["seeds"]:
-        lines += ["", f"Two compression seeds (same dense checkpoint) at target {speed['seed_target']:g}×:", ""]
+        one = len(set(targets.values())) == 1
+        lines += ["", "Two compression seeds (same dense checkpoint) " + (
+            f"at target {next(iter(targets.values())):g}×:" if one else "at each method's seed target:"), ""]
         for m, e in b["seeds"].items():
-            lines.append(f"- {m}: " + ", ".join(f"{a:.2f} % at {v:.2f}×" for a, v in zip(e["accuracy"], e["speedup_b1"]))
+            lines.append(f"- {m}" + ("" if one else f" at {targets[m]:g}×") + ": "
+                         + ", ".join(f"{a:.2f} % at {v:.2f}×" for a, v in zip(e["accuracy"], e["speedup_b1"]))
                          + f" → mean {e['mean']:.2f} %")
-    lines += _cut_rows([p for p in speed["points"] if p["seed"] == 0 and p["knob_value"] == speed["seed_target"]],
-                       "seed 0 at the seed target")
+    at_seed_target = [p for p in speed["points"]
+                      if p["seed"] == 0 and p["knob_value"] == targets.get(p["method"], speed["seed_target"])]
+    where = "seed 0 at the seed target" if len(set(targets.values())) <= 1 else "seed 0 at each method's seed target"
+    lines += _cut_rows(at_seed_target, where) + _removal_rows(at_seed_target)
     n = b["new_recipe_speed"]
     if n:
         two, seeds_bar = n["2x"], n["seeds"]
