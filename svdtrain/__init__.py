@@ -1,6 +1,7 @@
 """svdtrain: make any PyTorch model low-rank by SVD training.
 
-decompose_ → train with orthogonality_loss + sparsity_loss (+ channel_sparsity_loss) → prune_ (→ recalibrate_bn) → fine-tune → export.
+decompose_ → train with orthogonality_loss + sparsity_loss (+ channel_sparsity_loss) → prune_ (→ recalibrate_bn)
+→ fine-tune → export.
 """
 
 from .attention import SplitMultiheadAttention
