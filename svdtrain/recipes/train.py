@@ -243,7 +243,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
             sparse = _regularizer(svd, stage.lambda_s, svdtrain.sparsity_loss, model, cfg.sparsity)
             if stage.lambda_c and groups is None:
                 groups = channel_groups(model, x[:1])
-            channel = svdtrain.channel_sparsity_loss(model, groups, cfg.sparsity) if stage.lambda_c else torch.zeros(())
+            channel = svdtrain.channel_sparsity_loss(model, groups, cfg.sparsity) if stage.lambda_c else \
+                torch.zeros(())
             nuclear = nuclear_norm(dense_targets) if stage.nuclear else torch.zeros(())
             loss = fitted * (cluster.world / batch) + stage.lambda_o * ortho + stage.lambda_s * sparse \
                 + stage.lambda_c * channel + stage.nuclear * nuclear
@@ -275,7 +276,8 @@ def fit(model: nn.Module, data: Dataset, cfg: RunConfig, stage: StageSettings, f
                 values = (task_sum, (out.argmax(1) == y).sum(), ortho * len(y), sparse * len(y), channel * len(y),
                           nuclear * len(y), distill)
                 sums += torch.stack([v.to(sums) for v in values] + [sums.new_tensor(len(y))])
-        task, correct, ortho, sparse, channel, nuclear, distill, seen = cluster.sum(sums.tolist())  # waits for the device
+        # waits for the device
+        task, correct, ortho, sparse, channel, nuclear, distill, seen = cluster.sum(sums.tolist())
         if seen == 0:
             raise TrainingError(f"every step of stage {stage.name}, epoch {epoch + 1} had a non-finite loss or "
                                 f"gradient; last good checkpoint: {_last_good(folder)}")
